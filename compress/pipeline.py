@@ -1,0 +1,100 @@
+"""The one straight path of a run: recipe → model → data → baseline → stages → record."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import torch
+
+from compress.config import QUANTIZE_KINDS, RecipeConfig
+from compress.data import attach_transforms, build_datasets, resolve_data_config
+from compress.deploy import TorchRunner
+from compress.factory import build_model
+from compress.record import environment, git_hash
+from compress.stages import STAGES
+from compress.stages.base import StageContext, StageResult
+from eval.evaluate import evaluate_stage, public_metrics
+
+__all__ = ['run_recipe']
+
+
+def _stage_entry(result: StageResult, metrics: dict) -> dict:
+    return {
+        'name': result.name, 'kind': result.kind, 'backend': result.backend, 'seconds': round(result.seconds, 2),
+        'metrics': public_metrics(metrics), 'coverage': result.coverage, 'notes': result.notes,
+    }
+
+
+def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -> dict:
+    """Run a validated recipe and return its record (the caller writes it).
+
+    Args:
+        cfg: a recipe from :func:`compress.config.load_recipe` that passed :func:`compress.config.check_inputs`.
+        accelerator: an ``accelerate.Accelerator``.
+        recipe_path: where the recipe came from, for the record.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    need_calib = any(s.kind in QUANTIZE_KINDS for s in cfg.stages)
+    need_train = any(s.kind == 'train' for s in cfg.stages)
+    data = build_datasets(cfg.data, need_calib, need_train, cfg.seed)
+    model, weights_cfg, model_notes = build_model(cfg.model, data.num_classes)
+    data_config = resolve_data_config(cfg.data, model, weights_cfg)
+    attach_transforms(data, data_config, cfg.data.train_augment)
+    input_size = tuple(data_config['input_size'])
+    ctx = StageContext(accelerator, data, cfg.data, cfg.eval, input_size, cfg.seed)
+    accelerator.print(f'{cfg.name}: {cfg.model.name} on {data.name} ({len(data.eval)} eval images), '
+                      f'input {input_size}; {"; ".join(model_notes)}')
+
+    baseline = StageResult(
+        name='baseline', kind='baseline',
+        runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32', fixed_batch=cfg.eval.batch_size),
+        float_model=model, next_model=model, notes=model_notes,
+    )
+    baseline_metrics = evaluate_stage(baseline, ctx)
+    _report(accelerator, baseline, baseline_metrics)
+    entries = [_stage_entry(baseline, baseline_metrics)]
+    reference = baseline_metrics  # deltas are against the evaluated starting model
+    for stage_cfg in cfg.stages:
+        results = STAGES[stage_cfg.kind](stage_cfg, model, ctx)
+        for result in results:
+            metrics = evaluate_stage(result, ctx, baseline=reference)
+            _report(accelerator, result, metrics)
+            entries.append(_stage_entry(result, metrics))
+        if results[0].next_model is not None:
+            model = results[0].next_model
+
+    return {
+        'schema': 1,
+        'recipe': {'name': cfg.name, 'path': str(recipe_path) if recipe_path else None,
+                   'description': cfg.description},
+        'config': cfg.to_dict(),
+        'model': {'name': cfg.model.name, 'checkpoint': cfg.model.checkpoint, 'num_classes': data.num_classes,
+                  'input_size': list(input_size), 'data_config': {k: (list(v) if isinstance(v, tuple) else v)
+                                                                  for k, v in data_config.items()}},
+        'data': {'name': data.name, 'source': cfg.data.source, 'split': data.eval_split,
+                 'num_images': len(data.eval), 'subset': cfg.data.max_eval is not None,
+                 'calib_images': len(data.calib) if data.calib is not None else None,
+                 'train_images': len(data.train) if data.train is not None else None,
+                 'root': str(Path(cfg.data.root)) if cfg.data.root else None},
+        'env': {**environment(), 'processes': accelerator.num_processes, 'eval_threads': cfg.eval.threads},
+        'git_hash': git_hash(),
+        'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+        'stages': entries,
+        'wall_seconds': round(time.perf_counter() - started, 1),
+    }
+
+
+def _report(accelerator, result: StageResult, metrics: dict) -> None:
+    parts = [f'{result.name}:']
+    if 'top1' in metrics:
+        parts.append(f'top-1 {metrics["top1"]:.2f} [{metrics["top1_ci95"][0]:.1f}, {metrics["top1_ci95"][1]:.1f}]')
+    if 'top1_delta' in metrics:
+        parts.append(f'Δ {metrics["top1_delta"]:+.2f} [{metrics["top1_delta_ci95"][0]:+.1f}, '
+                     f'{metrics["top1_delta_ci95"][1]:+.1f}]')
+    for key in ('cpu_img_s_bs1', 'cpu_img_s_bs32'):
+        if key in metrics:
+            parts.append(f'{key} {metrics[key]:.1f}')
+    parts.append(f'int8 weights {metrics["quantized_weight_fraction"]:.0%}')
+    accelerator.print('  '.join(parts))

@@ -1,0 +1,92 @@
+"""The run record: one JSON file per run, the source of every table.
+
+Written atomically (temporary file, then rename) under ``<output.dir>/<recipe name>/``, with a name made of the
+UTC time and the git hash; an existing file is never overwritten.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ['environment', 'git_hash', 'write_record']
+
+_PACKAGES = ('torch', 'torchvision', 'timm', 'torchao', 'torch-pruning', 'nncf', 'openvino', 'accelerate',
+             'datasets', 'numpy')
+_CPU_FLAGS_OF_INTEREST = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8', 'amx_bf16', 'avx_vnni')
+
+
+def git_hash() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(['git', 'rev-parse', '--short=12', 'HEAD'], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ('-dirty' if dirty else '') if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_info() -> dict:
+    info = {'model': platform.processor() or platform.machine(), 'flags': [], 'logical_cpus': os.cpu_count()}
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith('model name') and info['model'] in ('', platform.machine(), platform.processor()):
+            info['model'] = line.split(':', 1)[1].strip()
+        if line.startswith('flags'):
+            flags = set(line.split(':', 1)[1].split())
+            info['flags'] = [f for f in _CPU_FLAGS_OF_INTEREST if f in flags]
+            break
+    return info
+
+
+def environment() -> dict:
+    """Library versions, CPU, threads, load and devices, as they were for this run."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        'python': platform.python_version(),
+        'platform': platform.platform(),
+        'versions': versions,
+        'cpu': _cpu_info(),
+        'torch_threads_default': torch.get_num_threads(),
+        'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
+        'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_record(record: dict, output_dir: str | os.PathLike) -> Path:
+    """Write a record as ``<output_dir>/<recipe>/<UTC time>-<git hash>.json`` atomically, never overwriting."""
+    folder = Path(output_dir) / record['recipe']['name']
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    base = f'{stamp}-{(record.get("git_hash") or "nogit").replace("-dirty", "d")}'
+    text = json.dumps(record, indent=1, sort_keys=False, default=str)
+    with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.tmp', delete=False) as handle:
+        handle.write(text)
+        temporary = Path(handle.name)
+    for attempt in range(1000):
+        target = folder / (f'{base}.json' if attempt == 0 else f'{base}-{attempt}.json')
+        try:
+            os.link(temporary, target)  # fails if the target exists: an earlier run is never overwritten
+        except FileExistsError:
+            continue
+        temporary.unlink()
+        return target
+    temporary.unlink()
+    raise FileExistsError(f'could not find a free record name in {folder}')

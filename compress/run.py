@@ -1,0 +1,45 @@
+"""Run a recipe: ``accelerate launch compress/run.py RECIPE.yaml [key=value ...]``.
+
+Validates the whole recipe and its inputs before any work, runs it, writes one JSON record and prints that
+record's path as the last line. A problem with the recipe or its inputs is one line on stderr and exit code 2.
+"""
+import os
+import sys
+
+os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')  # NNCF's first-use build takes >60 s on 2 cores
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ('-h', '--help'):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    from compress.config import RecipeError, check_inputs, load_recipe
+    try:
+        cfg = load_recipe(argv[0], argv[1:])
+        check_inputs(cfg)
+    except RecipeError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from compress.pipeline import run_recipe
+    from compress.record import write_record
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    try:
+        record = run_recipe(cfg, accelerator, recipe_path=argv[0])
+    except RecipeError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        path = write_record(record, cfg.output.dir)
+        print(path)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Stage ``train``: short supervised training with Accelerate (AdamW, warm-up + cosine, label smoothing).
+
+Used by recipes that make their own baseline (the quickstart, CIFAR) and, later, by recovery fine-tuning.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.config import TrainStage
+from compress.data import make_loader
+from compress.deploy import TorchRunner
+from compress.stages.base import StageContext, StageResult
+
+__all__ = ['apply_train', 'train_model']
+
+
+def _cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> tuple[nn.Module, dict]:
+    """Train ``model`` on the training split; returns the trained (unwrapped, eval-mode) model and a summary."""
+    accelerator = ctx.accelerator
+    if ctx.data.train is None:
+        raise ValueError('the train stage needs a training split')
+    loader = make_loader(ctx.data.train, cfg.batch_size or ctx.data_cfg.batch_size, ctx.data_cfg.workers,
+                         shuffle=True, seed=ctx.seed, drop_last=True)
+    steps_per_epoch = len(loader)
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_with_warmup(total_steps, max(1, int(cfg.warmup_fraction * total_steps))))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    model.train()
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    step, running_loss, running_correct, seen = 0, 0.0, 0, 0
+    progress = tqdm(total=total_steps, desc='train', disable=None if accelerator.is_local_main_process else True,
+                    leave=False)
+    while step < total_steps:
+        for images, labels, _ in loader:
+            with accelerator.autocast():
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.item() * len(labels)
+            running_correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            step += 1
+            progress.update(1)
+            if step % 20 == 0:
+                progress.set_postfix(loss=f'{running_loss / seen:.3f}', acc=f'{100 * running_correct / seen:.1f}')
+            if step >= total_steps:
+                break
+    progress.close()
+    model = accelerator.unwrap_model(model).eval()
+    accelerator.free_memory()
+    return model, {'steps': total_steps, 'train_loss': round(running_loss / max(1, seen), 4),
+                   'train_top1': round(100 * running_correct / max(1, seen), 2)}
+
+
+def apply_train(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
+    start = time.perf_counter()
+    model, summary = train_model(cfg, model, ctx)
+    runner = TorchRunner(model, compiled=ctx.eval_cfg.compile, label='fp32', fixed_batch=ctx.eval_cfg.batch_size)
+    return [StageResult(
+        name='train', kind='train', runner=runner, float_model=model, next_model=model,
+        seconds=time.perf_counter() - start,
+        notes=[f'{summary["steps"]} steps, final running loss {summary["train_loss"]}, '
+               f'train top-1 {summary["train_top1"]}'],
+        coverage={'train': summary},
+    )]

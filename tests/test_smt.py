@@ -1,0 +1,473 @@
+"""Tests for compress/models/smt.py (SMT, arXiv 2307.08579).
+
+Sizes come from /work/shared/notes/smt_s2aformer.md section 1.3 ("Analytic params", "GMACs (A)" = conv+linear
+only, "GMACs (B)" = plus attention matmuls). Full-size variants are built on the meta device, so counting params
+and MACs costs shapes only.
+"""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import compress.models.smt  # noqa: F401  (registers the entrypoints)
+from compress.models.smt import SMT, MultiHeadMixedConv, ScaleAwareModulation, checkpoint_filter_fn
+from eval.complexity import count_macs, count_params
+
+aten = torch.ops.aten
+
+# name -> (params incl. padded zero taps, official params, notes' params in M)
+PARAMS = {
+    'smt_t': (11_562_856, 11_506_536, 11.51),
+    'smt_s': (22_671_272, 22_550_952, 22.55),  # paper's 20.5M is a misprint (notes 1.3)
+    'smt_b': (32_221_672, 32_037_352, 32.04),
+    'smt_l': (80_896_744, 80_620_264, 80.62),
+}
+# (name, res) -> (count_macs of our model, notes' GMACs (A) conv+linear, notes' GMACs (B) + attention, paper GMACs)
+MACS = {
+    ('smt_t', 224): (2_493_381_120, 2.38, 2.46, 2.4),
+    ('smt_s', 224): (4_897_037_312, 4.66, 4.84, 4.7),
+    ('smt_b', 224): (8_050_197_504, 7.69, 7.97, 7.7),
+    ('smt_l', 224): (18_033_570_816, 17.48, 17.91, None),  # paper 17.7 / README 17.6: neither (A) nor (B)
+    ('smt_l', 384): (55_432_574_976, 51.37, 55.06, None),  # paper 54.6 ~ (B), README 51.6 ~ (A)
+}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # OpenMP fan-out over 2 shared cores stalls each op of these small graphs for milliseconds
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def _padded_taps(model):
+    return sum(m.num_padded_taps for m in model.modules() if isinstance(m, MultiHeadMixedConv))
+
+
+def _padded_macs(model, res):
+    # each MHMC layer runs at its stage's resolution, res / (4 * 2 ** stage)
+    return sum(
+        m.num_padded_taps * (res // (4 * 2 ** int(name.split('.')[1]))) ** 2
+        for name, m in model.named_modules() if isinstance(m, MultiHeadMixedConv)
+    )
+
+
+def _attention_macs(model, res):
+    # q @ k^T and attn @ v: 2 * N^2 * C per MSA block
+    total = 0
+    for i, stage in enumerate(model.stages):
+        n = (res // (4 * 2 ** i)) ** 2
+        for blk in stage.blocks:
+            if isinstance(blk.attn, compress.models.smt.Attention):
+                total += 2 * n * n * blk.attn.q.out_features
+    return total
+
+
+def _conv_linear_macs(model, res):
+    # second count that keeps only conv and linear ops (what ptflops-style counters see)
+    counter = FlopCounterMode(display=False)
+    device = next(model.parameters()).device
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, res, res, device=device))
+    flops = counter.get_flop_counts()['Global']
+    return sum(flops.get(op, 0) for op in (aten.convolution, aten.addmm, aten.mm)) // 2
+
+
+# --- registry / anatomy --------------------------------------------------------------------------------------------
+
+def test_registry():
+    names = timm.list_models('smt_*') + timm.list_models('test_smt')
+    assert sorted(names) == ['smt_b', 'smt_l', 'smt_s', 'smt_t', 'test_smt']
+    for name in names:
+        assert timm.models.model_entrypoint(name).__module__ == 'compress.models.smt'
+    cfg = timm.models.get_pretrained_cfg('smt_l')
+    assert cfg.input_size == (3, 384, 384) and cfg.hf_hub_id is None and cfg.url == ''
+    assert cfg.paper_ids == 'arXiv:2307.08579' and cfg.license == 'mit'
+
+
+def test_stage_layout():
+    model = timm.create_model('smt_t', device='meta')
+    kinds = [[type(b.attn).__name__ for b in s.blocks] for s in model.stages]
+    assert kinds[0] == kinds[1] == ['ScaleAwareModulation'] * 2
+    assert kinds[2] == ['ScaleAwareModulation', 'Attention'] * 4  # evolutionary hybrid stage starts with SAM
+    assert kinds[3] == ['Attention']
+    assert [b.attn.num_heads for b in model.stages[2].blocks[1::2]] == [8] * 4
+    assert model.stages[3].blocks[0].attn.num_heads == 16
+    assert model.stem.conv1.kernel_size == (3, 3)
+    assert isinstance(model.stages[0].blocks[0].ls1, nn.Identity)
+    large = timm.create_model('smt_l', device='meta')
+    assert large.stem.conv1.kernel_size == (7, 7)
+    assert large.stages[3].blocks[0].ls1.init_values == 1e-4
+
+
+# --- size ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', list(PARAMS))
+def test_param_count(name):
+    model = timm.create_model(name, device='meta')
+    raw, official, notes_m = PARAMS[name]
+    assert count_params(model) == raw
+    assert count_params(model) - _padded_taps(model) == official
+    assert round(official / 1e6, 2) == notes_m
+
+
+@pytest.mark.parametrize('name,res', list(MACS))
+def test_macs(name, res):
+    model = timm.create_model(name, device='meta').eval()
+    ours, notes_a, notes_b, paper = MACS[(name, res)]
+    assert count_macs(model, (3, res, res)) == ours
+    conv_linear = _conv_linear_macs(model, res)
+    attention = _attention_macs(model, res)
+    padded = _padded_macs(model, res)
+    assert ours - conv_linear == attention  # the only non conv/linear MACs are the two attention matmuls
+    assert round((conv_linear - padded) / 1e9, 2) == notes_a
+    assert round((ours - padded) / 1e9, 2) == notes_b
+    if paper is not None:
+        assert round((conv_linear - padded) / 1e9, 1) == paper  # paper FLOPs = conv+linear only
+
+
+def test_macs_cpu_matches_meta():
+    # on CPU attention runs through the SDPA flash kernel, counted by the project's formula
+    model = timm.create_model('smt_t').eval()
+    assert count_macs(model) == MACS[('smt_t', 224)][0]
+
+
+# --- forward / features / export -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['smt_t', 'smt_s', 'smt_b', 'smt_l'])
+def test_forward_full(name):
+    model = timm.create_model(name).eval()
+    res = model.pretrained_cfg['input_size'][-1]
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, res, res))
+        out = model.forward_head(feats)
+    assert feats.shape == (1, model.num_features, *model.pretrained_cfg['pool_size'])
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_forward_train_backward():
+    model = timm.create_model('test_smt', num_classes=10, drop_path_rate=0.1)
+    model.set_grad_checkpointing(True)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_classifier():
+    model = timm.create_model('test_smt', num_classes=7)
+    assert model.get_classifier().out_features == 7
+    model.reset_classifier(0)
+    x = torch.randn(1, 3, 64, 64)
+    assert model(x).shape == (1, 128)
+    model.reset_classifier(3, '')
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 128, 2, 2)
+    assert model.no_weight_decay() == set()
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
+
+
+def test_features_only():
+    model = timm.create_model('test_smt', features_only=True).eval()
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [16, 32, 64, 128]
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_forward_intermediates():
+    model = timm.create_model('test_smt').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x))
+        assert torch.allclose(inter[-1], final)
+        assert [t.shape[1] for t in inter] == [info['num_chs'] for info in model.feature_info]
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        assert all(torch.allclose(a, b) for a, b in zip(early, inter[:2]))
+        assert model.prune_intermediate_layers(indices=(1,)) == [1]
+        assert len(model.stages) == 2 and model.num_features == 32
+        assert torch.allclose(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
+
+
+def test_export():
+    model = timm.create_model('test_smt').eval()
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+# --- fused multi-head mixed conv -----------------------------------------------------------------------------------
+
+class RefSAM(nn.Module):
+    """Straightforward SAM mixer in the official layout: a Python loop over per-head convs, then the head shuffle."""
+
+    def __init__(self, dim, num_heads=4, expand_ratio=2):
+        super().__init__()
+        self.num_heads = num_heads
+        self.v = nn.Linear(dim, dim)
+        self.s = nn.Linear(dim, dim)
+        for i in range(num_heads):
+            chs = dim // num_heads
+            setattr(self, f'local_conv_{i + 1}', nn.Conv2d(chs, chs, 3 + 2 * i, padding=1 + i, groups=chs))
+        self.proj0 = nn.Conv2d(dim, dim * expand_ratio, 1, groups=dim // num_heads)
+        self.bn = nn.BatchNorm2d(dim * expand_ratio)
+        self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        h = self.num_heads
+        v = self.v(x)
+        s = self.s(x).reshape(B, H, W, h, C // h).permute(3, 0, 4, 1, 2)  # head, B, C/h, H, W
+        heads = [getattr(self, f'local_conv_{i + 1}')(s[i]).reshape(B, C // h, 1, H, W) for i in range(h)]
+        s = torch.cat(heads, dim=2).reshape(B, C, H, W)  # channel c * h + i = channel c of head i
+        s = self.proj1(F.gelu(self.bn(self.proj0(s)))).reshape(B, C, N).transpose(1, 2)
+        return self.proj(s * v)
+
+
+class RefMSA(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.local_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).permute(0, 2, 1, 3)
+        k, v = self.kv(x).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (C // h) ** -0.5).softmax(-1)
+        v_img = v.transpose(1, 2).reshape(B, N, C).transpose(1, 2).reshape(B, C, H, W)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C) + self.local_conv(v_img).reshape(B, C, N).transpose(1, 2)
+        return self.proj(x)
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Module()
+        self.dwconv.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, H, W):
+        x = self.fc1(x)
+        B, N, C = x.shape
+        x = F.gelu(x + self.dwconv.dwconv(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2))
+        return self.fc2(x)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim, use_attn, sa_heads, mlp_ratio, layerscale):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefMSA(dim, sa_heads) if use_attn else RefSAM(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = RefMlp(dim, int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(torch.ones(dim)) if layerscale else 1.
+        self.gamma_2 = nn.Parameter(torch.ones(dim)) if layerscale else 1.
+
+    def forward(self, x, H, W):
+        x = x + self.gamma_1 * self.attn(self.norm1(x), H, W)
+        return x + self.gamma_2 * self.mlp(self.norm2(x), H, W)
+
+
+class RefSMT(nn.Module):
+    """Official-layout SMT (module names as AFeng-x/SMT models/smt.py), tokens B x N x C between blocks."""
+
+    def __init__(self, dims, depths, mlp_ratios, sa_heads, head_conv=3, layerscale=False, num_classes=1000):
+        super().__init__()
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            if i == 0:
+                embed = nn.Module()
+                embed.conv = nn.Sequential(
+                    nn.Conv2d(3, dim, head_conv, 2, padding=head_conv // 2, bias=False), nn.BatchNorm2d(dim),
+                    nn.ReLU(), nn.Conv2d(dim, dim, 2, 2),
+                )
+            else:
+                embed = nn.Module()
+                embed.proj = nn.Conv2d(dims[i - 1], dim, 3, 2, padding=1)
+            embed.norm = nn.LayerNorm(dim)
+            setattr(self, f'patch_embed{i + 1}', embed)
+            use_attn = [i == 3 or (i == 2 and j % 2 == 1) for j in range(depth)]
+            setattr(self, f'block{i + 1}', nn.ModuleList([
+                RefBlock(dim, use_attn[j], sa_heads[i], mlp_ratios[i], layerscale) for j in range(depth)]))
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        for i in range(4):
+            embed = getattr(self, f'patch_embed{i + 1}')
+            x = embed.conv(x) if i == 0 else embed.proj(x)
+            B, C, H, W = x.shape
+            x = embed.norm(x.flatten(2).transpose(1, 2))
+            for blk in getattr(self, f'block{i + 1}'):
+                x = blk(x, H, W)
+            x = getattr(self, f'norm{i + 1}')(x)
+            if i < 3:
+                x = x.transpose(1, 2).reshape(B, C, H, W)
+        return self.head(x.mean(1))
+
+
+def _randomize(module):
+    # non-trivial values everywhere (incl. BN stats, norms, layer scale) so every key must land in the right place
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm_weight = name.endswith('.weight') and p.ndim == 1
+            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.1) + (1. if is_norm_weight else 0.))
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def test_mhmc_structure():
+    conv = MultiHeadMixedConv(16, num_heads=4)
+    assert conv.kernel_size == (9, 9) and conv.groups == 16
+    active = (conv.weight != 0).sum(dim=(1, 2, 3))
+    assert active.tolist() == [(2 * (j % 4) + 3) ** 2 for j in range(16)]
+    assert conv.num_padded_taps == conv.weight.numel() - int(active.sum())
+    # train mode masks the padded taps: outputs match eval and their gradient is exactly zero
+    x = torch.randn(2, 16, 11, 11)
+    conv.train()(x).square().sum().backward()
+    assert torch.allclose(conv.train()(x), conv.eval()(x))
+    assert (conv.weight.grad * (1 - conv.kernel_mask())).abs().max() == 0
+
+
+@pytest.mark.parametrize('dim', [16, 64])
+def test_sam_fused_equals_per_head_reference(dim):
+    ref = _randomize(RefSAM(dim)).eval()
+    fused = ScaleAwareModulation(dim, num_heads=4).eval()
+    prefix = 'block1.0.attn.'
+    converted = checkpoint_filter_fn({prefix + k: v for k, v in ref.state_dict().items()}, None)
+    new_prefix = 'stages.0.blocks.0.attn.'
+    fused.load_state_dict({k[len(new_prefix):]: v for k, v in converted.items()}, strict=True)
+    H, W = 12, 10
+    x = torch.randn(2, H, W, dim)
+    with torch.no_grad():
+        expected = ref(x.reshape(2, H * W, dim), H, W).reshape(2, H, W, dim)
+        assert torch.allclose(fused(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('layerscale,legacy_dw_name', [(False, False), (True, True)])
+def test_official_checkpoint_loads(layerscale, legacy_dw_name):
+    dims, depths, mlp_ratios, sa_heads = (16, 32, 64, 128), (1, 1, 2, 1), (2, 2, 2, 2), (1, 2, 2, 4)
+    ref = _randomize(RefSMT(dims, depths, mlp_ratios, sa_heads, layerscale=layerscale)).eval()
+    state_dict = {'module.' + k: v for k, v in ref.state_dict().items()}
+    if legacy_dw_name:  # some official revisions name the MSA V conv `dw_conv`
+        state_dict = {k.replace('attn.local_conv.', 'attn.dw_conv.'): v for k, v in state_dict.items()}
+    assert any('local_conv_4' in k for k in state_dict)
+    model = timm.create_model('test_smt', layer_scale_init_value=1e-4 if layerscale else None).eval()
+    model.load_state_dict(checkpoint_filter_fn({'model': state_dict}, model), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # 13 blocks of float32 summation-order noise on logits of magnitude ~3; a mapping error is O(1)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+    # already converted dicts pass through unchanged
+    assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+def test_pretrained_file_through_timm(tmp_path):
+    # the path a recipe takes: official .pth -> pretrained_cfg_overlay(file=...) -> checkpoint_filter_fn
+    ref = _randomize(RefSMT((16, 32, 64, 128), (1, 1, 2, 1), (2, 2, 2, 2), (1, 2, 2, 4), num_classes=10)).eval()
+    path = tmp_path / 'smt_official.pth'
+    torch.save({'model': ref.state_dict(), 'epoch': 1}, path)
+    model = timm.create_model(
+        'test_smt', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+# --- prunability ---------------------------------------------------------------------------------------------------
+
+def test_prune_attention_heads():
+    # drop one of two heads by slicing weights and updating num_heads; head_dim is read from the weights
+    model = timm.create_model('test_smt').eval()
+    attn = model.stages[2].blocks[1].attn
+    assert attn.num_heads == 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        keep = torch.arange(32)  # head 0 of q, k, v, local conv and proj input
+        reference = attn.proj.weight[:, keep].clone()
+        attn.q = _slice_linear(attn.q, out_idx=keep)
+        attn.kv = _slice_linear(attn.kv, out_idx=torch.cat([keep, keep + 64]))
+        attn.local_conv = _slice_dwconv(attn.local_conv, keep)
+        attn.proj = _slice_linear(attn.proj, in_idx=keep)
+        attn.num_heads = 1
+        assert torch.equal(attn.proj.weight, reference)
+        assert model(x).shape == (1, 1000)
+
+
+def test_prune_mhmc_group():
+    # removing one proj0 group (num_heads interleaved channels) equals zeroing that group's path into proj1
+    torch.manual_seed(0)
+    sam = _randomize(ScaleAwareModulation(16, num_heads=4)).eval()
+    with torch.no_grad():
+        sam.mhmc.weight.mul_(sam.mhmc.kernel_mask())  # restore the per-head kernel structure
+    x = torch.randn(1, 6, 6, 16)
+    group, nh, expand = 1, 4, 2
+    keep = torch.tensor([c for c in range(16) if c // nh != group])
+    keep_exp = torch.tensor([c for c in range(32) if c // (nh * expand) != group])
+    with torch.no_grad():
+        pruned = ScaleAwareModulation(16, num_heads=4).eval()
+        pruned.load_state_dict(sam.state_dict())
+        pruned.s = _slice_linear(pruned.s, out_idx=keep)
+        mhmc = MultiHeadMixedConv(12, num_heads=4)
+        mhmc.weight.copy_(sam.mhmc.weight[keep])
+        mhmc.bias.copy_(sam.mhmc.bias[keep])
+        pruned.mhmc = mhmc.eval()
+        pruned.proj0 = nn.Conv2d(12, 24, 1, groups=3)
+        pruned.proj0.weight.copy_(sam.proj0.weight[keep_exp])
+        pruned.proj0.bias.copy_(sam.proj0.bias[keep_exp])
+        bn = nn.BatchNorm2d(24).eval()
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            getattr(bn, name).copy_(getattr(sam.bn, name)[keep_exp])
+        pruned.bn = bn
+        pruned.proj1 = _slice_conv1x1(sam.proj1, keep_exp)
+        sam.proj1.weight[:, [c for c in range(32) if c not in keep_exp]] = 0
+        assert torch.allclose(pruned(x), sam(x), atol=1e-5)
+        # the training mask still matches the surviving kernels (head = channel % num_heads)
+        assert torch.equal((mhmc.weight != 0).float(), mhmc.kernel_mask().expand_as(mhmc.weight))
+
+
+def _slice_linear(layer, out_idx=None, in_idx=None):
+    w = layer.weight
+    b = layer.bias
+    if out_idx is not None:
+        w, b = w[out_idx], b[out_idx]
+    if in_idx is not None:
+        w = w[:, in_idx]
+    new = nn.Linear(w.shape[1], w.shape[0])
+    new.weight.data.copy_(w)
+    new.bias.data.copy_(b)
+    return new
+
+
+def _slice_dwconv(conv, idx):
+    new = nn.Conv2d(len(idx), len(idx), conv.kernel_size, padding=conv.padding, groups=len(idx))
+    new.weight.data.copy_(conv.weight[idx])
+    new.bias.data.copy_(conv.bias[idx])
+    return new
+
+
+def _slice_conv1x1(conv, in_idx):
+    new = nn.Conv2d(len(in_idx), conv.out_channels, 1)
+    new.weight.data.copy_(conv.weight[:, in_idx])
+    new.bias.data.copy_(conv.bias)
+    return new
+
+
+def test_model_class_exported():
+    # register_model appends every entrypoint (incl. test_smt) to __all__: never star-import this module in tests
+    assert compress.models.smt.__all__[0] == 'SMT' and 'test_smt' in compress.models.smt.__all__
+    assert isinstance(timm.create_model('test_smt'), SMT)

@@ -1,0 +1,238 @@
+"""SpaRTAN model file: sizes against the notes / paper, timm integration, export, weight loading, complex math."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import compress.models.spartan  # noqa: F401  (registers the entrypoints)
+from compress.models.spartan import CMixer, SpaRTANBlock, checkpoint_filter_fn, complex_pair_mix
+from eval.complexity import count_macs, count_params
+
+
+@pytest.fixture(scope='module')
+def full_models():
+    torch.manual_seed(0)
+    return {name: timm.create_model(name) for name in ('spartan_xt', 'spartan_t')}
+
+
+@pytest.mark.parametrize('name,params', [('spartan_xt', 2_222_792), ('spartan_t', 3_820_296)])
+def test_param_count(full_models, name, params):
+    assert count_params(full_models[name]) == params
+
+
+# notes section 1.10, to the 4 decimals given there (GMACs)
+@pytest.mark.parametrize('name,size,conv_linear,fvcore_train', [
+    ('spartan_xt', 224, 0.6144, 0.6405),
+    ('spartan_t', 224, 0.7996, 0.8291),
+    ('spartan_t', 256, 1.0441, 1.0827),
+])
+def test_macs(full_models, name, size, conv_linear, fvcore_train):
+    model = full_models[name]
+    macs = count_macs(model, (3, size, size))
+    assert round(macs / 1e9, 4) == conv_linear
+    # the paper's numbers are fvcore's, model in train mode: norms 5 per element, global pool 1 per element
+    with_norms = count_macs(model, (3, size, size), include_norms=True, train_mode=True)
+    assert round(with_norms / 1e9, 4) == fvcore_train
+
+
+def test_forward_shape_and_cfg():
+    model = timm.create_model('test_spartan', num_classes=10).eval()
+    cfg = timm.create_model('spartan_t', pretrained=False).pretrained_cfg
+    assert cfg['input_size'] == (3, 256, 256) and cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bilinear'
+    assert not cfg.get('hf_hub_id')
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 10)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, model.num_features, 2, 2)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    sd = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in sd
+
+
+def test_features_only():
+    model = timm.create_model('test_spartan', features_only=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    outs = model(x)
+    assert [o.shape[1] for o in outs] == model.feature_info.channels()
+    assert [64 // o.shape[-1] for o in outs] == model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_forward_intermediates():
+    model = timm.create_model('test_spartan').eval()
+    x = torch.randn(1, 3, 64, 64)
+    final, inters = model.forward_intermediates(x)
+    assert [t.shape[1] for t in inters] == [f['num_chs'] for f in model.feature_info]
+    assert [64 // t.shape[-1] for t in inters] == [f['reduction'] for f in model.feature_info]
+    assert torch.allclose(final, model.forward_features(x))
+    only = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+    assert len(only) == 1 and torch.allclose(only[0], inters[1])
+    model.prune_intermediate_layers([1])
+    assert len(model.stages) == 2 and model.forward_features(x).shape[1] == model.feature_info[1]['num_chs']
+
+
+def test_hybrid_grouping_and_drop_path():
+    model = timm.create_model('spartan_t', drop_path_rate=0.1)
+    for i, stage in enumerate(model.stages):
+        block = stage.blocks[0]
+        dim = block.scale_1.shape[1]
+        hidden = block.cmixer.theta.out_channels
+        smixer_groups = {block.smixer.h_conv.conv.groups, block.smixer.l_conv[0].conv.groups,
+                         block.smixer.l_conv[1].conv.groups}
+        if i < 2:
+            assert smixer_groups == {1} and block.cmixer.conv.conv.groups == hidden == 4 * dim
+        else:
+            assert smixer_groups == {dim // 2} and block.cmixer.conv.conv.groups == dim and hidden == 2 * dim
+    blocks = [b for s in model.stages for b in s.blocks]
+    assert isinstance(blocks[0].drop_path1, torch.nn.Identity)
+    assert blocks[-1].drop_path1.drop_prob == pytest.approx(0.1 * 19 / 20)
+    assert model.no_weight_decay() == {n for n, _ in model.named_parameters() if n.endswith('smixer.gamma')}
+
+
+def test_export():
+    model = timm.create_model('test_spartan').eval()
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
+    assert not any('complex' in op for op in ops)
+    assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+def _to_official(state_dict, depths):
+    """Rename our keys to the official layout: stem `conv`, flat `layers` (blocks, then downsample), `linear`."""
+    flat = {}
+    idx = 0
+    for s, depth in enumerate(depths):
+        for b in range(depth):
+            flat[f'stages.{s}.blocks.{b}.'] = f'layers.{idx}.'
+            idx += 1
+        if s < len(depths) - 1:
+            flat[f'stages.{s + 1}.downsample.'] = f'layers.{idx}.'
+            idx += 1
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('stem.'):
+            k = 'conv.' + k[len('stem.'):]
+        elif k.startswith('head.'):
+            k = 'linear.' + k[len('head.'):]
+        else:
+            prefix = next(p for p in flat if k.startswith(p))
+            k = flat[prefix] + k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def test_checkpoint_filter_fn(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model('test_spartan').eval()
+    official = _to_official(src.state_dict(), (1, 1, 2, 1))
+    # layer indices the official SpaRTAN builds for depths (1, 1, 2, 1): blocks 0, 2, 4-5, 7; downsamples 1, 3, 6
+    assert official['layers.6.conv.weight'].shape == (48, 32, 2, 2)
+    assert 'layers.5.cmixer.complex' in official and 'conv.0.conv.weight' in official
+
+    wrapped = {'model': {'module.' + k: v for k, v in official.items()}, 'epoch': 3}
+    dst = timm.create_model('test_spartan').eval()
+    dst.load_state_dict(checkpoint_filter_fn(wrapped, dst), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(dst(x), src(x))
+
+    # timm's own file path also goes through the filter
+    path = tmp_path / 'spartan_official.pth'
+    torch.save(wrapped, path)
+    loaded = timm.create_model('test_spartan', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert torch.equal(loaded(x), src(x))
+
+
+def _official_cmixer(m: CMixer, x: torch.Tensor) -> torch.Tensor:
+    """The official CMixer forward, with the modulation done in complex arithmetic."""
+    B, _, H, W = x.shape
+    idx = x.argmax(dim=1, keepdim=True)
+    theta = F.gelu(m.theta(x))
+    amp = m.proj(x)
+    feat = amp * theta + amp.gather(1, idx) * theta.gather(1, idx)
+    feat = feat.permute(0, 2, 3, 1).reshape(B, H, W, -1, 2)
+    z = torch.complex(feat[..., 0], feat[..., 1]) * torch.complex(m.complex[..., 0], m.complex[..., 1])
+    feat = torch.stack((z.real, z.imag), dim=-1).reshape(B, H, W, -1).permute(0, 3, 1, 2)
+    return m.proj_out(m.attn(m.conv(feat)))
+
+
+@pytest.mark.parametrize('depthwise,ratio', [(False, 4), (True, 2)])
+def test_complex_equivalence(depthwise, ratio):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    w = torch.randn(1, 1, 1, 8, 2, dtype=torch.float64)
+    ref = torch.view_as_real(torch.view_as_complex(x.permute(0, 2, 3, 1).reshape(2, 5, 6, 8, 2).contiguous())
+                             * torch.view_as_complex(w)).reshape(2, 5, 6, 16).permute(0, 3, 1, 2)
+    assert torch.allclose(complex_pair_mix(x, w), ref, atol=1e-12)
+
+    block = SpaRTANBlock(16, expand_ratio=ratio, depthwise=depthwise).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():  # lift the 1e-5 layer scales so the mixers matter in the comparison
+            p.add_(torch.randn_like(p) * 0.1)
+        y = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+        assert torch.allclose(block.cmixer(y), _official_cmixer(block.cmixer, y), atol=1e-10)
+        z = y + block.scale_1 * block.smixer(block.norm_1(y))
+        z = z + block.scale_2 * _official_cmixer(block.cmixer, block.norm_2(z))
+        assert torch.allclose(block(y), z, atol=1e-10)
+
+    half = CMixer(16, 2, depthwise=True).to(torch.bfloat16)
+    assert half(torch.randn(1, 16, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_prune_complex_pairs():
+    """Removing whole complex pairs from the CMixer (beyond the argmax range) needs no shape attribute updates."""
+    torch.manual_seed(0)
+    dim, ratio = 16, 4
+    m = CMixer(dim, ratio, depthwise=False).eval()
+    x = torch.randn(1, dim, 6, 6)
+    pairs = torch.arange(dim * ratio // 2)
+    keep_pairs = torch.cat([pairs[:dim // 2], pairs[dim // 2::2]])  # keep every pair the argmax can reach
+    keep = torch.stack((2 * keep_pairs, 2 * keep_pairs + 1), dim=1).flatten()
+    drop = torch.tensor(sorted(set(range(dim * ratio)) - set(keep.tolist())))
+
+    with torch.no_grad():
+        zeroed = CMixer(dim, ratio, depthwise=False).eval()
+        zeroed.load_state_dict(m.state_dict())
+        # dropped channels must not reach the output or the SE squeeze
+        zeroed.proj_out.weight[:, drop] = 0.
+        zeroed.attn.squeeze.weight[:, drop] = 0.
+        ref = zeroed(x)
+
+        m.theta.weight.data, m.theta.bias.data = m.theta.weight[keep], m.theta.bias[keep]
+        m.proj.weight.data, m.proj.bias.data = m.proj.weight[keep], m.proj.bias[keep]
+        m.complex.data = m.complex[:, :, :, keep_pairs]
+        conv, bn = m.conv.conv, m.conv.norm
+        conv.weight.data, conv.groups = conv.weight[keep], len(keep)
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            getattr(bn, name).data = getattr(bn, name)[keep]
+        m.attn.squeeze.weight.data = m.attn.squeeze.weight[:, keep]
+        m.attn.expand.weight.data, m.attn.expand.bias.data = m.attn.expand.weight[keep], m.attn.expand.bias[keep]
+        m.proj_out.weight.data = m.proj_out.weight[:, keep]
+        assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:Unwrapped parameters')
+def test_torch_pruning_smoke():
+    tp = pytest.importorskip('torch_pruning')
+    model = timm.create_model('test_spartan').eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = count_params(model)
+    pruner = tp.pruner.BasePruner(
+        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
+        ignored_layers=[model.head], round_to=8,
+    )
+    pruner.step()
+    assert count_params(model) < before
+    assert model(x).shape == (1, 1000)
+    for m in model.modules():
+        if isinstance(m, CMixer):
+            assert 2 * m.complex.shape[3] == m.theta.out_channels
+
+
+def test_train_backward_grad_checkpointing():
+    torch.manual_seed(0)
+    model = timm.create_model('test_spartan', drop_path_rate=0.1, num_classes=5).train()
+    model.set_grad_checkpointing(True)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
