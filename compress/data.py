@@ -163,6 +163,10 @@ def _load_hf(cfg: DataConfig, splits: list[str]):
         if split not in loaded:
             raise RecipeError(f'data.{_split_key(cfg, split)}: split {split!r} not found (have: '
                               f'{", ".join(loaded)})')
+        feature = loaded[split].features.get(cfg.image_key)
+        if isinstance(feature, dict) and 'bytes' in feature:
+            # parquet written with the Image layout ({bytes, path}) but without its feature metadata
+            loaded[split] = loaded[split].cast_column(cfg.image_key, datasets.Image())
     if cfg.label_key in loaded[splits[0]].features and hasattr(loaded[splits[0]].features[cfg.label_key], 'names'):
         num_classes = len(loaded[splits[0]].features[cfg.label_key].names)
     else:

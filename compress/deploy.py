@@ -54,7 +54,12 @@ class TorchRunner:
         return self  # torch threads are set by the caller with torch.set_num_threads
 
     def size_mb(self) -> float:
+        """Serialized size of the tensors the model runs with (for a graph, only those its nodes use)."""
         from eval.complexity import serialized_size_mb
+        if isinstance(self.module, torch.fx.GraphModule):
+            # convert_pt2e leaves the float weights behind as unused attributes: they do not ship
+            used = {node.target for node in self.module.graph.nodes if node.op == 'get_attr'}
+            return serialized_size_mb({k: v for k, v in self.module.state_dict().items() if k in used})
         return serialized_size_mb(self.module)
 
 

@@ -19,9 +19,10 @@ from eval.evaluate import evaluate_stage, public_metrics
 __all__ = ['run_recipe']
 
 
-def _stage_entry(result: StageResult, metrics: dict) -> dict:
+def _stage_entry(result: StageResult, metrics: dict, before: str | None) -> dict:
     return {
-        'name': result.name, 'kind': result.kind, 'backend': result.backend, 'seconds': round(result.seconds, 2),
+        'name': result.name, 'kind': result.kind, 'backend': result.backend, 'before': before,
+        'seconds': round(result.seconds, 2),
         'metrics': public_metrics(metrics), 'coverage': result.coverage, 'notes': result.notes,
     }
 
@@ -54,16 +55,20 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     )
     baseline_metrics = evaluate_stage(baseline, ctx)
     _report(accelerator, baseline, baseline_metrics)
-    entries = [_stage_entry(baseline, baseline_metrics)]
-    reference = baseline_metrics  # deltas are against the evaluated starting model
+    entries = [_stage_entry(baseline, baseline_metrics, before=None)]
+    # accuracy deltas compare a stage with the model it started from; speedups compare with the baseline
+    before_name, before_metrics = 'baseline', baseline_metrics
     for stage_cfg in cfg.stages:
         results = STAGES[stage_cfg.kind](stage_cfg, model, ctx)
         for result in results:
-            metrics = evaluate_stage(result, ctx, baseline=reference)
+            metrics = evaluate_stage(result, ctx, before=before_metrics, baseline=baseline_metrics)
             _report(accelerator, result, metrics)
-            entries.append(_stage_entry(result, metrics))
+            entries.append(_stage_entry(result, metrics, before=before_name))
+            if result is results[0]:
+                first_name, first_metrics = result.name, metrics
         if results[0].next_model is not None:
             model = results[0].next_model
+            before_name, before_metrics = first_name, first_metrics
 
     return {
         'schema': 1,

@@ -75,7 +75,7 @@ def write_record(record: dict, output_dir: str | os.PathLike) -> Path:
     folder = Path(output_dir) / record['recipe']['name']
     folder.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-    base = f'{stamp}-{(record.get("git_hash") or "nogit").replace("-dirty", "d")}'
+    base = f"{stamp}-{record.get('git_hash') or 'nogit'}"
     text = json.dumps(record, indent=1, sort_keys=False, default=str)
     with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.tmp', delete=False) as handle:
         handle.write(text)

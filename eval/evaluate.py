@@ -13,13 +13,14 @@ from eval.throughput import measure_cpu, measure_gpu
 __all__ = ['evaluate_stage']
 
 
-def evaluate_stage(result: StageResult, ctx, baseline: dict | None = None) -> dict:
+def evaluate_stage(result: StageResult, ctx, before: dict | None = None, baseline: dict | None = None) -> dict:
     """Metrics of a stage result, keyed as the record contract says (``top1``, ``cpu_img_s_bs32``, ...).
 
     Args:
         result: the stage's model as deployed.
         ctx: the stage context (data, eval config, accelerator, input size).
-        baseline: the baseline's metrics, for deltas with paired 95 % intervals.
+        before: metrics of the model this stage started from, for accuracy deltas with paired 95 % intervals.
+        baseline: metrics of the run's starting model, for speedups.
     """
     cfg = ctx.eval_cfg
     metrics: dict = {}
@@ -30,10 +31,10 @@ def evaluate_stage(result: StageResult, ctx, baseline: dict | None = None) -> di
         metrics.update(accuracy)
         metrics['correct1_bits'] = pack_bits(correct1)
         metrics['correct5_bits'] = pack_bits(correct5)
-        if baseline is not None and '_correct1' in baseline:
-            metrics['top1_delta'] = round(metrics['top1'] - baseline['top1'], 2)
-            metrics['top1_delta_ci95'] = list(paired_delta_ci(baseline['_correct1'], correct1, cfg.bootstrap))
-            metrics['top5_delta'] = round(metrics['top5'] - baseline['top5'], 2)
+        if before is not None and '_correct1' in before:
+            metrics['top1_delta'] = round(metrics['top1'] - before['top1'], 2)
+            metrics['top1_delta_ci95'] = list(paired_delta_ci(before['_correct1'], correct1, cfg.bootstrap))
+            metrics['top5_delta'] = round(metrics['top5'] - before['top5'], 2)
         metrics['_correct1'] = correct1  # kept in memory for later deltas, not written
     metrics['params_m'] = round(count_params(result.float_model) / 1e6, 4)
     metrics['gmacs'] = round(count_macs(result.float_model, ctx.input_size) / 1e9, 4)

@@ -3,7 +3,13 @@
 Sizes come from /work/shared/notes/smt_s2aformer.md section 1.3 ("Analytic params", "GMACs (A)" = conv+linear
 only, "GMACs (B)" = plus attention matmuls). Full-size variants are built on the meta device, so counting params
 and MACs costs shapes only.
+
+MACs: `count_macs` counts what runs ("executed"): the fused MHMC 9x9 depthwise conv over all channels, zero taps
+included. The official "tap-exact" numbers (per-head 3/5/7/9 kernels) are executed minus the zero taps, derived
+analytically from `MultiHeadMixedConv.num_padded_taps`.
 """
+import re
+
 import pytest
 import timm
 import torch
@@ -17,20 +23,29 @@ from eval.complexity import count_macs, count_params
 
 aten = torch.ops.aten
 
-# name -> (params incl. padded zero taps, official params, notes' params in M)
+# name -> (official params, exact; notes' params in M). Ours must equal the official count exactly.
 PARAMS = {
-    'smt_t': (11_562_856, 11_506_536, 11.51),
-    'smt_s': (22_671_272, 22_550_952, 22.55),  # paper's 20.5M is a misprint (notes 1.3)
-    'smt_b': (32_221_672, 32_037_352, 32.04),
-    'smt_l': (80_896_744, 80_620_264, 80.62),
+    'smt_t': (11_506_536, 11.51),
+    'smt_s': (22_550_952, 22.55),  # paper's 20.5M is a misprint (notes 1.3)
+    'smt_b': (32_037_352, 32.04),
+    'smt_l': (80_620_264, 80.62),
 }
-# (name, res) -> (count_macs of our model, notes' GMACs (A) conv+linear, notes' GMACs (B) + attention, paper GMACs)
+# official configs for the independent official-layout reference (RefSMT below)
+REF_CONFIGS = {
+    'smt_t': dict(dims=(64, 128, 256, 512), depths=(2, 2, 8, 1), mlp_ratios=(4, 4, 4, 2), head_conv=3),
+    'smt_s': dict(dims=(64, 128, 256, 512), depths=(3, 4, 18, 2), mlp_ratios=(4, 4, 4, 2), head_conv=3),
+    'smt_b': dict(dims=(64, 128, 256, 512), depths=(4, 6, 28, 2), mlp_ratios=(8, 6, 4, 2), head_conv=7),
+    'smt_l': dict(dims=(96, 192, 384, 768), depths=(4, 6, 28, 4), mlp_ratios=(8, 6, 4, 2), head_conv=7,
+                  layerscale=True),
+}
+# (name, res) -> (executed MACs = count_macs, official tap-exact MACs, notes' GMACs (A) conv+linear,
+#                 notes' GMACs (B) + attention, paper GMACs); both conventions include the attention matmuls
 MACS = {
-    ('smt_t', 224): (2_493_381_120, 2.38, 2.46, 2.4),
-    ('smt_s', 224): (4_897_037_312, 4.66, 4.84, 4.7),
-    ('smt_b', 224): (8_050_197_504, 7.69, 7.97, 7.7),
-    ('smt_l', 224): (18_033_570_816, 17.48, 17.91, None),  # paper 17.7 / README 17.6: neither (A) nor (B)
-    ('smt_l', 384): (55_432_574_976, 51.37, 55.06, None),  # paper 54.6 ~ (B), README 51.6 ~ (A)
+    ('smt_t', 224): (2_493_381_120, 2_461_268_480, 2.38, 2.46, 2.4),
+    ('smt_s', 224): (4_897_037_312, 4_838_833_152, 4.66, 4.84, 4.7),
+    ('smt_b', 224): (8_050_197_504, 7_965_901_824, 7.69, 7.97, 7.7),
+    ('smt_l', 224): (18_033_570_816, 17_907_127_296, 17.48, 17.91, None),  # paper 17.7 / README 17.6: neither
+    ('smt_l', 384): (55_432_574_976, 55_060_985_856, 51.37, 55.06, None),  # paper 54.6 ~ (B), README 51.6 ~ (A)
 }
 
 
@@ -43,12 +58,8 @@ def _one_thread():
     torch.set_num_threads(num_threads)
 
 
-def _padded_taps(model):
-    return sum(m.num_padded_taps for m in model.modules() if isinstance(m, MultiHeadMixedConv))
-
-
 def _padded_macs(model, res):
-    # each MHMC layer runs at its stage's resolution, res / (4 * 2 ** stage)
+    # zero taps the fused MHMC convs execute; each runs at its stage's resolution, res / (4 * 2 ** stage)
     return sum(
         m.num_padded_taps * (res // (4 * 2 ** int(name.split('.')[1]))) ** 2
         for name, m in model.named_modules() if isinstance(m, MultiHeadMixedConv)
@@ -108,23 +119,25 @@ def test_stage_layout():
 @pytest.mark.parametrize('name', list(PARAMS))
 def test_param_count(name):
     model = timm.create_model(name, device='meta')
-    raw, official, notes_m = PARAMS[name]
-    assert count_params(model) == raw
-    assert count_params(model) - _padded_taps(model) == official
+    official, notes_m = PARAMS[name]
+    assert count_params(model) == official
     assert round(official / 1e6, 2) == notes_m
+    with torch.device('meta'):  # independent check: the official module layout, built from the official config
+        assert count_params(RefSMT(**REF_CONFIGS[name], sa_heads=(1, 1, 8, 16))) == official
 
 
 @pytest.mark.parametrize('name,res', list(MACS))
 def test_macs(name, res):
     model = timm.create_model(name, device='meta').eval()
-    ours, notes_a, notes_b, paper = MACS[(name, res)]
-    assert count_macs(model, (3, res, res)) == ours
+    executed, tap_exact, notes_a, notes_b, paper = MACS[(name, res)]
+    assert count_macs(model, (3, res, res)) == executed  # what runs: fused 9x9 MHMC, zero taps included
     conv_linear = _conv_linear_macs(model, res)
     attention = _attention_macs(model, res)
     padded = _padded_macs(model, res)
-    assert ours - conv_linear == attention  # the only non conv/linear MACs are the two attention matmuls
+    assert executed - conv_linear == attention  # the only non conv/linear MACs are the two attention matmuls
+    assert executed - padded == tap_exact  # official per-head kernels: the fused conv's zero taps removed
     assert round((conv_linear - padded) / 1e9, 2) == notes_a
-    assert round((ours - padded) / 1e9, 2) == notes_b
+    assert round(tap_exact / 1e9, 2) == notes_b
     if paper is not None:
         assert round((conv_linear - padded) / 1e9, 1) == paper  # paper FLOPs = conv+linear only
 
@@ -192,12 +205,45 @@ def test_forward_intermediates():
         assert torch.allclose(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
 
 
+def _conv_nodes(graph):
+    return [n for n in graph.nodes if n.op == 'call_function' and 'conv' in str(n.target)]
+
+
 def test_export():
     model = timm.create_model('test_smt').eval()
     x = torch.randn(1, 3, 64, 64)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+    # one fused 9x9 depthwise conv per SAM mixer, no per-head convs
+    convs = _conv_nodes(exported.graph)
+    kernels = [tuple(n.args[1].meta['val'].shape[-2:]) for n in convs]
+    num_sam = sum(isinstance(m, ScaleAwareModulation) for m in model.modules())
+    assert kernels.count((9, 9)) == num_sam and not {(5, 5), (7, 7)} & set(kernels)
+    # stem 2 + downsample 3 + SAM 3 (mhmc, proj0, proj1) + MSA 1 (local conv) + FFN dwconv 1 per block
+    num_msa = sum(isinstance(m, compress.models.smt.Attention) for m in model.modules())
+    assert len(convs) == 2 + 3 + 3 * num_sam + num_msa + (num_sam + num_msa)
+
+
+def test_compile_freezing_folds_mhmc_weight():
+    # inductor with freezing (as compress.deploy.compile_for_cpu): the per-head kernels are assembled once into a
+    # constant 9x9 weight and the compiled code runs one conv, with no pad / stack work per call
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    conv = MultiHeadMixedConv(16, num_heads=4).eval()
+    x = torch.randn(2, 16, 10, 10)
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            out, (code, *_) = run_and_get_code(torch.compile(conv, dynamic=False), x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    call = code[code.index('def call('):code.index('def get_args(')]  # what runs per call
+    assert len(re.findall(r'= (?:torch\.ops\.mkldnn\._convolution|extern_kernels\.convolution)[\w.]*\(', call)) == 1
+    assert re.search(r'_frozen_param\d+ = None  # .*\(16, 1, 9, 9\)', code)  # the assembled weight is a constant
+    assert not re.search(r'constant_pad|\bcat\b|stack', call)
 
 
 # --- fused multi-head mixed conv -----------------------------------------------------------------------------------
@@ -330,17 +376,48 @@ def _randomize(module):
     return module
 
 
+def _loop_mhmc(conv, x):
+    """Per-head reference: a Python loop of the official per-head convs on head-interleaved channels."""
+    h = conv.num_heads
+    outs = [getattr(conv, f'local_conv_{i + 1}')(x[:, i::h]) for i in range(h)]
+    return torch.stack(outs, dim=2).flatten(1, 2)  # (B, C/h, h, H, W) -> channel c * h + i
+
+
 def test_mhmc_structure():
     conv = MultiHeadMixedConv(16, num_heads=4)
-    assert conv.kernel_size == (9, 9) and conv.groups == 16
-    active = (conv.weight != 0).sum(dim=(1, 2, 3))
+    # stored per head exactly as the official module: names, shapes, bias, and nothing else
+    shapes = {k: tuple(v.shape) for k, v in conv.state_dict().items()}
+    assert shapes == {
+        **{f'local_conv_{i + 1}.weight': (4, 1, 3 + 2 * i, 3 + 2 * i) for i in range(4)},
+        **{f'local_conv_{i + 1}.bias': (4,) for i in range(4)},
+    }
+    assert count_params(conv) == 4 * (9 + 25 + 49 + 81) + 16
+    # the fused kernel: head-interleaved, each head's kernel centred in 9x9, zeros elsewhere
+    weight, bias = conv.fused_weight_bias()
+    assert weight.shape == (16, 1, 9, 9) and bias.shape == (16,)
+    active = (weight != 0).sum(dim=(1, 2, 3))
     assert active.tolist() == [(2 * (j % 4) + 3) ** 2 for j in range(16)]
-    assert conv.num_padded_taps == conv.weight.numel() - int(active.sum())
-    # train mode masks the padded taps: outputs match eval and their gradient is exactly zero
+    assert conv.num_padded_taps == weight.numel() - int(active.sum()) == 16 * 81 - 4 * 164
+    assert torch.equal(weight[5, 0, 2:7, 2:7], conv.local_conv_2.weight[1, 0])  # channel 1 * 4 + head 1
+    # official init: normal(0, sqrt(2 / (k * k))) per head, zero bias
+    big = MultiHeadMixedConv(4096, num_heads=4)
+    for i, c in enumerate(big.head_convs()):
+        k = 3 + 2 * i
+        assert abs(c.weight.std().item() - (2 / k ** 2) ** 0.5) < 0.05 * (2 / k ** 2) ** 0.5
+        assert not c.bias.any()
+    # train and eval are the same graph; gradients reach exactly the per-head parameters
     x = torch.randn(2, 16, 11, 11)
     conv.train()(x).square().sum().backward()
-    assert torch.allclose(conv.train()(x), conv.eval()(x))
-    assert (conv.weight.grad * (1 - conv.kernel_mask())).abs().max() == 0
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in conv.parameters())
+    assert torch.equal(conv.train()(x), conv.eval()(x))
+
+
+@pytest.mark.parametrize('dim,num_heads', [(16, 4), (24, 2), (64, 4)])
+def test_mhmc_fused_equals_per_head_loop(dim, num_heads):
+    conv = _randomize(MultiHeadMixedConv(dim, num_heads=num_heads)).eval()
+    x = torch.randn(2, dim, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), _loop_mhmc(conv, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('dim', [16, 64])
@@ -350,6 +427,11 @@ def test_sam_fused_equals_per_head_reference(dim):
     prefix = 'block1.0.attn.'
     converted = checkpoint_filter_fn({prefix + k: v for k, v in ref.state_dict().items()}, None)
     new_prefix = 'stages.0.blocks.0.attn.'
+    # official per-head kernels: same key suffix, tensors passed through untouched
+    for i in range(4):
+        for name in ('weight', 'bias'):
+            key = f'local_conv_{i + 1}.{name}'
+            assert torch.equal(converted[f'{new_prefix}mhmc.{key}'], ref.state_dict()[key])
     fused.load_state_dict({k[len(new_prefix):]: v for k, v in converted.items()}, strict=True)
     H, W = 12, 10
     x = torch.randn(2, H, W, dim)
@@ -367,7 +449,15 @@ def test_official_checkpoint_loads(layerscale, legacy_dw_name):
         state_dict = {k.replace('attn.local_conv.', 'attn.dw_conv.'): v for k, v in state_dict.items()}
     assert any('local_conv_4' in k for k in state_dict)
     model = timm.create_model('test_smt', layer_scale_init_value=1e-4 if layerscale else None).eval()
-    model.load_state_dict(checkpoint_filter_fn({'model': state_dict}, model), strict=True)
+    converted = checkpoint_filter_fn({'model': state_dict}, model)
+    # every official MHMC key maps by prefix only (block{s}.{j}.attn. -> stages.{s-1}.blocks.{j}.attn.mhmc.)
+    official_mhmc = [k for k in state_dict if re.search(r'\.local_conv_\d', k)]
+    assert len(official_mhmc) == 3 * 4 * 2  # 3 SAM blocks x 4 heads x (weight, bias)
+    for k in official_mhmc:
+        s, j, suffix = re.match(r'^module\.block(\d)\.(\d+)\.attn\.(.*)$', k).groups()
+        assert torch.equal(converted[f'stages.{int(s) - 1}.blocks.{j}.attn.mhmc.{suffix}'], state_dict[k])
+    assert count_params(model) == count_params(ref)
+    model.load_state_dict(converted, strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         # 13 blocks of float32 summation-order noise on logits of magnitude ~3; a mapping error is O(1)
@@ -409,23 +499,22 @@ def test_prune_attention_heads():
 
 
 def test_prune_mhmc_group():
-    # removing one proj0 group (num_heads interleaved channels) equals zeroing that group's path into proj1
+    # removing one proj0 group (channel c of every head) equals zeroing that group's path into proj1; the MHMC is
+    # pruned in place by slicing its per-head weights: no shape attribute needs updating
     torch.manual_seed(0)
     sam = _randomize(ScaleAwareModulation(16, num_heads=4)).eval()
-    with torch.no_grad():
-        sam.mhmc.weight.mul_(sam.mhmc.kernel_mask())  # restore the per-head kernel structure
     x = torch.randn(1, 6, 6, 16)
     group, nh, expand = 1, 4, 2
     keep = torch.tensor([c for c in range(16) if c // nh != group])
+    keep_head = torch.tensor([c for c in range(16 // nh) if c != group])
     keep_exp = torch.tensor([c for c in range(32) if c // (nh * expand) != group])
     with torch.no_grad():
         pruned = ScaleAwareModulation(16, num_heads=4).eval()
         pruned.load_state_dict(sam.state_dict())
         pruned.s = _slice_linear(pruned.s, out_idx=keep)
-        mhmc = MultiHeadMixedConv(12, num_heads=4)
-        mhmc.weight.copy_(sam.mhmc.weight[keep])
-        mhmc.bias.copy_(sam.mhmc.bias[keep])
-        pruned.mhmc = mhmc.eval()
+        for conv in pruned.mhmc.head_convs():
+            conv.weight = nn.Parameter(conv.weight[keep_head])
+            conv.bias = nn.Parameter(conv.bias[keep_head])
         pruned.proj0 = nn.Conv2d(12, 24, 1, groups=3)
         pruned.proj0.weight.copy_(sam.proj0.weight[keep_exp])
         pruned.proj0.bias.copy_(sam.proj0.bias[keep_exp])
@@ -436,8 +525,9 @@ def test_prune_mhmc_group():
         pruned.proj1 = _slice_conv1x1(sam.proj1, keep_exp)
         sam.proj1.weight[:, [c for c in range(32) if c not in keep_exp]] = 0
         assert torch.allclose(pruned(x), sam(x), atol=1e-5)
-        # the training mask still matches the surviving kernels (head = channel % num_heads)
-        assert torch.equal((mhmc.weight != 0).float(), mhmc.kernel_mask().expand_as(mhmc.weight))
+        weight, _ = pruned.mhmc.fused_weight_bias()
+        assert weight.shape == (12, 1, 9, 9) and torch.equal(weight, sam.mhmc.fused_weight_bias()[0][keep])
+        assert count_params(pruned.mhmc) == count_params(sam.mhmc) * 3 // 4
 
 
 def _slice_linear(layer, out_idx=None, in_idx=None):

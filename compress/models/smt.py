@@ -8,27 +8,33 @@ mixer ends in a Linear projection and its aggregation is grouped 1x1 -> BN -> GE
 own LayerNorm, and SMT-L uses layer scale (init 1e-4).
 
 Implementation notes:
-* Multi-head mixed conv (MHMC): the 3/5/7/9 per-head depthwise convs run as ONE depthwise 9x9 conv whose smaller
-  kernels are zero-padded; in train mode the padded taps are masked so they stay exactly zero.
+* Multi-head mixed conv (MHMC): the per-head 3/5/7/9 depthwise kernels are stored per head exactly as in the
+  official code (`local_conv_1..4`, one level down in `attn.mhmc`), so parameter counts equal the official ones.
+  The forward zero-pads them to 9x9, interleaves them into one depthwise kernel and runs ONE conv; the weight
+  assembly depends on parameters only, so inductor freezing folds it into a constant 9x9 weight.
 * Head shuffle: the paper's "one channel from each head per group" interleave is folded into the output channel
-  order of `s`, so the MHMC channels are stored head-interleaved (channel c * num_heads + i is channel c of head i)
-  and no activation transpose is needed. `checkpoint_filter_fn` permutes `s` and fuses the official
-  `local_conv_{1..4}` kernels once at load time.
+  order of `s`, so the MHMC channels are head-interleaved (channel c * num_heads + i is channel c of head i) and
+  no activation transpose is needed. `checkpoint_filter_fn` permutes `s` once at load time; the official
+  `local_conv_{i}` tensors load unchanged, only their key prefix is remapped.
 * Blocks run on NHWC tensors; convs see them through permuted (channels-last) views without copies.
 * `drop_rate` is timm's head dropout; the official `drop_rate` (projection / MLP dropout) is `proj_drop_rate`.
 
-Complexity (params in M, GMACs from `eval.complexity.count_macs` at batch 1; pinned in tests/test_smt.py). The
-fused MHMC stores 81 taps per channel where the official per-head kernels have 41 on average, so "raw" counts
-include those structural zeros and "arch" counts subtract them (= the official model). "conv+linear" also drops
-the attention matmuls (q.k^T, attn.v); that convention reproduces the paper's FLOPs at 224:
+Complexity (params in M, GMACs at batch 1; exact integers pinned in tests/test_smt.py). Params are the official
+counts exactly. MACs come in two conventions that differ only in the MHMC:
+* "executed" = `eval.complexity.count_macs`, i.e. what runs: the fused MHMC is a 9x9 depthwise conv over all C
+  channels (81 taps per channel), including the zero taps padded around the 3/5/7 heads.
+* "tap-exact" = the official per-head convs (9/25/49/81 taps, 41 on average): executed minus the zero taps
+  (`MultiHeadMixedConv.num_padded_taps` per output position). This is the architecture's cost, the one to compare
+  with papers. "tap-exact conv+linear" also drops the attention matmuls (q.k^T, attn.v); that convention
+  (ptflops-like) reproduces the paper's FLOPs at 224.
 
-| model | res | params raw | params arch | paper params | GMACs raw | GMACs arch | arch conv+linear | paper GMACs |
-|-------|-----|------------|-------------|--------------|-----------|------------|------------------|-------------|
-| smt_t | 224 | 11.56 | 11.51 | 11.5 | 2.49 | 2.46 | 2.38 | 2.4 |
-| smt_s | 224 | 22.67 | 22.55 | 20.5 (misprint) | 4.90 | 4.84 | 4.66 | 4.7 |
-| smt_b | 224 | 32.22 | 32.04 | 32.0 | 8.05 | 7.97 | 7.69 | 7.7 |
-| smt_l | 224 | 80.90 | 80.62 | 80.5 | 18.03 | 17.91 | 17.48 | 17.7 (README 17.6) |
-| smt_l | 384 | 80.90 | 80.62 | 80.5 | 55.43 | 55.06 | 51.37 | 54.6 (README 51.6) |
+| model | res | params (ours) | params (official) | paper params | GMACs executed | GMACs tap-exact | tap-exact conv+linear | paper GMACs |
+|-------|-----|---------------|-------------------|--------------|----------------|-----------------|-----------------------|-------------|
+| smt_t | 224 | 11.51 | 11.51 | 11.5 | 2.49 | 2.46 | 2.38 | 2.4 |
+| smt_s | 224 | 22.55 | 22.55 | 20.5 (misprint) | 4.90 | 4.84 | 4.66 | 4.7 |
+| smt_b | 224 | 32.04 | 32.04 | 32.0 | 8.05 | 7.97 | 7.69 | 7.7 |
+| smt_l | 224 | 80.62 | 80.62 | 80.5 | 18.03 | 17.91 | 17.48 | 17.7 (README 17.6) |
+| smt_l | 384 | 80.62 | 80.62 | 80.5 | 55.43 | 55.06 | 51.37 | 54.6 (README 51.6) |
 
 @inproceedings{lin2023smt,
   title={Scale-Aware Modulation Meet Transformer},
@@ -59,51 +65,67 @@ from timm.models._registry import generate_default_cfgs, register_model
 __all__ = ['SMT']
 
 
-class MultiHeadMixedConv(nn.Conv2d):
-    """Depthwise conv where head i of `num_heads` has a (3 + 2i) kernel, fused into one (2 * num_heads + 1) conv.
+class MultiHeadMixedConv(nn.Module):
+    """Multi-head mixed conv: head i of `num_heads` is a depthwise (3 + 2i) conv with bias, run as ONE fused conv.
 
-    Channels are head-interleaved: channel j belongs to head j % num_heads. Heads are read from `num_heads` and
-    the weight shape at call time, so a pruner that removes whole groups of `num_heads` channels keeps it valid.
+    Parameters are stored per head exactly as the official code stores them (`local_conv_{i+1}`, shape
+    (C/h, 1, 3 + 2i, 3 + 2i), with bias), so the parameter count and the key suffixes are the official ones.
+    `forward` zero-pads every head's kernel to K = 2 * num_heads + 1, interleaves the heads into one (C, 1, K, K)
+    depthwise kernel and runs one conv: no Python loop over activations, and with inductor freezing the kernel
+    assembly is folded into a constant. The fused conv still executes the zero taps, so executed MACs exceed the
+    official tap-exact MACs by `num_padded_taps` per output position (see the module docstring).
+
+    Channels are head-interleaved: channel c * num_heads + i is channel c of head i (the official head shuffle,
+    folded into the output order of `s`). Widths are read from the weights at call time, so a pruner that removes
+    channel c from every head (one proj0 group) only slices the per-head weights.
     """
 
     def __init__(self, dim: int, num_heads: int = 4, bias: bool = True, device=None, dtype=None):
-        kernel_size = 2 * num_heads + 1
-        super().__init__(
-            dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias, device=device, dtype=dtype)
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
         self.num_heads = num_heads
+        head_chs = dim // num_heads
+        for i in range(num_heads):
+            # NOTE: the per-head Conv2d modules are parameter holders (official names, official init via
+            # SMT._init_weights); they are never called, so their static shape attributes are never read
+            self.add_module(f'local_conv_{i + 1}', nn.Conv2d(
+                head_chs, head_chs, 3 + 2 * i, padding=1 + i, groups=head_chs, bias=bias, **dd))
         self.reset_parameters()
 
-    def _head_radius(self) -> torch.Tensor:
-        return torch.arange(self.weight.shape[0], device=self.weight.device) % self.num_heads + 1
-
-    def kernel_mask(self) -> torch.Tensor:
-        k = self.weight.shape[-1]
-        offset = (torch.arange(k, device=self.weight.device) - k // 2).abs()
-        dist = torch.maximum(offset[:, None], offset[None, :])
-        return (dist <= self._head_radius()[:, None, None]).unsqueeze(1).to(self.weight.dtype)
+    def head_convs(self) -> List[nn.Conv2d]:
+        return [getattr(self, f'local_conv_{i + 1}') for i in range(self.num_heads)]
 
     @property
     def num_padded_taps(self) -> int:
-        """Weights that are structural zeros (pure Python on shapes, so it also works on the meta device)."""
-        c, _, kh, kw = self.weight.shape
-        return c * kh * kw - sum((2 * (j % self.num_heads) + 3) ** 2 for j in range(c))
+        """Zero taps the fused conv executes per output position (pure shape arithmetic, works on meta)."""
+        weights = [conv.weight for conv in self.head_convs()]
+        k = max(w.shape[-1] for w in weights)
+        return sum(w.shape[0] * (k * k - w.shape[-2] * w.shape[-1]) for w in weights)
 
     def reset_parameters(self) -> None:
-        if not hasattr(self, 'num_heads'):
-            return  # called from nn.Conv2d.__init__ before the head layout is known
-        with torch.no_grad():
-            # official init per head: normal(0, sqrt(2 / fan_out)), fan_out = k_i * k_i for a depthwise conv
-            std = (2. / (2 * self._head_radius() + 1).to(self.weight.dtype) ** 2).sqrt()
-            self.weight.normal_().mul_(std[:, None, None, None]).mul_(self.kernel_mask())
-            if self.bias is not None:
-                self.bias.zero_()
+        # official init: normal(0, sqrt(2 / fan_out)), fan_out = k * k for a depthwise conv; zero bias
+        for conv in self.head_convs():
+            nn.init.normal_(conv.weight, 0., math.sqrt(2. / (conv.weight.shape[-2] * conv.weight.shape[-1])))
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def fused_weight_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The head-interleaved (C, 1, K, K) kernel (heads zero-padded to K) and (C,) bias the forward runs."""
+        convs = self.head_convs()
+        # head i has kernel 3 + 2i: pad it by num_heads - 1 - i to 2 * num_heads + 1 (geometry from num_heads, not
+        # from tensor shapes, so tracing exporters such as openvino.convert_model see plain constants)
+        weights = [F.pad(conv.weight, [self.num_heads - 1 - i] * 4) for i, conv in enumerate(convs)]
+        # stack on dim 1 then flatten: (C/h, h, 1, K, K) -> (C, 1, K, K), channel c * h + i = channel c of head i
+        weight = torch.stack(weights, dim=1).flatten(0, 1)
+        bias = None
+        if convs[0].bias is not None:
+            bias = torch.stack([conv.bias for conv in convs], dim=1).flatten()
+        return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.training:
-            # NOTE: masking only in train mode keeps eval/export graphs a plain conv (BN folding, PT2E quant)
-            weight = weight * self.kernel_mask()
-        return self._conv_forward(x, weight, self.bias)
+        weight, bias = self.fused_weight_bias()
+        return F.conv2d(x, weight, bias, padding=self.num_heads, groups=weight.shape[0])
 
 
 class ScaleAwareModulation(nn.Module):
@@ -458,9 +480,8 @@ class SMT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, MultiHeadMixedConv):
-            m.reset_parameters()
-        elif isinstance(m, nn.Linear):
+        # MHMC per-head kernels take the Conv2d branch: fan_out = k * k, the official per-head init
+        if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -578,21 +599,6 @@ class SMT(nn.Module):
         return x
 
 
-def _fuse_mhmc(kernels: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Official per-head `local_conv_{i+1}` kernels (C/h, 1, 3+2i, 3+2i) -> one head-interleaved (C, 1, K, K)."""
-    num_heads = len(kernels)
-    head_chs = kernels[0].shape[0]
-    k = max(w.shape[-1] for w in kernels)
-    weight = kernels[0].new_zeros(head_chs * num_heads, 1, k, k)
-    bias = kernels[0].new_zeros(head_chs * num_heads)
-    for i, (w, b) in enumerate(zip(kernels, biases)):
-        p = (k - w.shape[-1]) // 2
-        weight[i::num_heads, :, p:p + w.shape[-2], p:p + w.shape[-1]] = w
-        if b is not None:
-            bias[i::num_heads] = b
-    return weight, bias
-
-
 def _interleave_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Reorder dim 0 from head-major (i * C/h + c) to head-interleaved (c * h + i): the official head shuffle."""
     return t.reshape(num_heads, t.shape[0] // num_heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
@@ -607,7 +613,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         return state_dict
 
     out_dict = {}
-    mhmc = {}  # block prefix -> {head index: {'weight': ..., 'bias': ...}}
+    mhmc_heads = {}  # SAM mixer prefix -> number of per-head convs (= MHMC heads)
     for k, v in state_dict.items():
         k = re.sub(r'^patch_embed1\.conv\.0\.', 'stem.conv1.', k)
         k = re.sub(r'^patch_embed1\.conv\.1\.', 'stem.bn.', k)
@@ -619,17 +625,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         k = re.sub(r'\.gamma_(\d)$', r'.ls\1.gamma', k)
         k = k.replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')
         k = k.replace('attn.dw_conv.', 'attn.local_conv.')  # name used by some official revisions
-        m = re.match(r'^(.*\.attn)\.local_conv_(\d+)\.(weight|bias)$', k)
+        # per-head MHMC kernels keep their official names and values, one level down in `mhmc`
+        m = re.match(r'^(.*\.attn)\.(local_conv_(\d+)\.(?:weight|bias))$', k)
         if m is not None:
-            mhmc.setdefault(m.group(1), {}).setdefault(int(m.group(2)) - 1, {})[m.group(3)] = v
-            continue
+            mhmc_heads[m.group(1)] = max(mhmc_heads.get(m.group(1), 0), int(m.group(3)))
+            k = f'{m.group(1)}.mhmc.{m.group(2)}'
         out_dict[k] = v
 
-    for prefix, heads in mhmc.items():
-        num_heads = len(heads)
-        kernels = [heads[i]['weight'] for i in range(num_heads)]
-        biases = [heads[i].get('bias') for i in range(num_heads)]
-        out_dict[f'{prefix}.mhmc.weight'], out_dict[f'{prefix}.mhmc.bias'] = _fuse_mhmc(kernels, biases)
+    # the head shuffle is folded into `s`: reorder its output channels from head-major to head-interleaved
+    for prefix, num_heads in mhmc_heads.items():
         for name in ('weight', 'bias'):
             key = f'{prefix}.s.{name}'
             if key in out_dict:
