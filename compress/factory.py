@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
+import types
 from pathlib import Path
 
 import timm
@@ -18,15 +20,63 @@ from compress.models.efficientnet_lite import (
 __all__ = ['build_model', 'load_state_dict_file']
 
 
+class _InertObject:
+    """Stands in for a class a checkpoint pickled as metadata (an OmegaConf config, say): it runs no code."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _MetadataTolerantUnpickler(pickle.Unpickler):
+    """torch's weights-only allow-list, with every other class replaced by an inert stand-in.
+
+    Training scripts often save their config object next to the weights (the official SpaRTAN checkpoints pickle
+    an OmegaConf ``DictConfig``); ``weights_only=True`` refuses such files. This reads them without importing or
+    running anything outside the allow-list: the foreign objects come back as empty stand-ins, the tensors intact.
+    """
+
+    def find_class(self, module: str, name: str):
+        allowed = _weights_only_globals()
+        key = f'{module}.{name}'
+        if key in allowed:
+            return allowed[key]
+        return type(name, (_InertObject,), {'__module__': f'inert.{module}'})
+
+
+def _weights_only_globals() -> dict:
+    from torch._weights_only_unpickler import _get_allowed_globals
+    return _get_allowed_globals()
+
+
+_TOLERANT_PICKLE = types.SimpleNamespace(Unpickler=_MetadataTolerantUnpickler, load=pickle.load,
+                                         __name__='metadata_tolerant_pickle')
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise
+        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TOLERANT_PICKLE)
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (``weights_only``), unwrap ``state_dict``/``model`` and strip ``module.``."""
+    """Read a checkpoint safely, unwrap ``state_dict``/``model`` and strip ``module.``.
+
+    ``.safetensors`` files load as they are; others with ``weights_only=True``, or, when the file also pickles
+    foreign metadata objects, with :class:`_MetadataTolerantUnpickler` (same allow-list, inert stand-ins).
+    """
     path = Path(path)
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = _torch_load(path)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
@@ -100,22 +150,28 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, li
         if cfg.name != expected_model:
             raise RecipeError(f'model.name: the weights of {package} map into {expected_model}; set '
                               f'model.name={expected_model}')
+    pretrained = cfg.pretrained and not checkpoint
     try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=cfg.num_classes or num_classes,
+        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=cfg.num_classes or num_classes,
                                   **cfg.kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise RecipeError(f'model.name: unknown model {cfg.name!r}; see timm.list_models() or '
                               f'compress.models') from None
         raise
+    except OSError as e:  # no network, or the hub refused
+        source = timm.models.get_pretrained_cfg(cfg.name)
+        where = getattr(source, 'url', None) or getattr(source, 'hf_hub_id', None) or 'the hub'
+        raise RecipeError(f'model.pretrained: cannot fetch the weights of {cfg.name} from {where} '
+                          f'({type(e).__name__}); download them elsewhere and pass model.checkpoint=PATH') from None
     except TypeError as e:
         raise RecipeError(f'model.kwargs: {e}') from None
     notes = []
     if checkpoint:
         notes = _load_into(model, load_state_dict_file(checkpoint), Path(checkpoint).name)
         notes.insert(0, f'weights: {cfg.checkpoint}')
-    elif cfg.pretrained:
-        notes.append(f'weights: timm pretrained {cfg.name}')
+    elif pretrained:
+        notes.append(f'weights: published {cfg.name} weights')
     else:
         notes.append('weights: random initialisation')
     return model.eval(), weights_cfg, notes

@@ -68,3 +68,49 @@ def test_timm_registry_names_resolve_to_our_modules():
     assert {'resnet20_cifar', 'resnet56_cifar', 'spartan_xt', 'spartan_t', 'smt_t', 'smt_l'} <= set(ours)
     for name in ours:
         assert not timm.models.get_pretrained_cfg(name).hf_hub_id, f'{name} must not point at the timm hub'
+
+
+def _save_with_foreign_objects(tmp_path, payload_factory):
+    """Pickle a checkpoint holding objects of a module that will not be importable when it is loaded."""
+    import importlib
+    import sys
+    package = tmp_path / 'pkg'
+    package.mkdir()
+    (package / 'trainer_config.py').write_text(
+        'import os\n'
+        'class DictConfig:\n'
+        '    def __init__(self, d): self.d = d\n'
+        'class Evil:\n'
+        '    def __init__(self, path): self.path = path\n'
+        '    def __reduce__(self): return (os.system, (f"touch {self.path}",))\n')
+    sys.path.insert(0, str(package))
+    try:
+        module = importlib.import_module('trainer_config')
+        path = tmp_path / 'official.pth'
+        torch.save(payload_factory(module), path)
+    finally:
+        sys.path.remove(str(package))
+        sys.modules.pop('trainer_config', None)
+    return path
+
+
+def test_official_style_checkpoint_with_pickled_config_loads(tmp_path):
+    from compress.factory import load_state_dict_file
+    model = timm.create_model('test_resnet_cifar')
+    path = _save_with_foreign_objects(tmp_path, lambda m: {
+        'epoch': 3, 'config': m.DictConfig({'lr': 1}), 'model': {f'module.{k}': v for k, v in
+                                                                 model.state_dict().items()}})
+    with pytest.raises(Exception, match='Weights only load failed'):
+        torch.load(path, weights_only=True)
+    state = load_state_dict_file(path)
+    assert state.keys() == model.state_dict().keys()
+    torch.testing.assert_close(state['conv1.weight'], model.state_dict()['conv1.weight'])
+
+
+def test_foreign_objects_never_run_code(tmp_path):
+    from compress.factory import load_state_dict_file
+    marker = tmp_path / 'pwned'
+    path = _save_with_foreign_objects(tmp_path, lambda m: {'model': {'w': torch.ones(1)},
+                                                           'payload': m.Evil(str(marker))})
+    assert load_state_dict_file(path) == {'w': torch.ones(1)}
+    assert not marker.exists()

@@ -654,17 +654,19 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# NOTE: weights are the official release files (smt_tiny.pth ... smt_large_22k_384_ft.pth), loaded locally with
-# pretrained_cfg_overlay=dict(file=...); the first tag of each arch is its default.
+# The authors' GitHub release v1.0.0 (official state-dict layout, mapped by checkpoint_filter_fn). Offline, download
+# the file elsewhere and pass it as a local checkpoint.
+_RELEASE = 'https://github.com/AFeng-x/SMT/releases/download/v1.0.0/'
 default_cfgs = generate_default_cfgs({
-    'smt_t.in1k': _cfg(),
-    'smt_s.in1k': _cfg(),
-    'smt_b.in1k': _cfg(),
+    'smt_t.in1k': _cfg(url=_RELEASE + 'smt_tiny.pth'),
+    'smt_s.in1k': _cfg(url=_RELEASE + 'smt_small.pth'),
+    'smt_b.in1k': _cfg(url=_RELEASE + 'smt_base.pth'),
     # the official 384 fine-tune evaluates a straight 384x384 resize (Swin TEST.CROP False)
     'smt_l.in22k_ft_in1k_384': _cfg(
-        input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, crop_mode='squash'),
-    'smt_l.in22k_ft_in1k': _cfg(),
-    'smt_l.in22k': _cfg(num_classes=21841),
+        url=_RELEASE + 'smt_large_22k_384_ft.pth', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+        crop_mode='squash'),
+    'smt_l.in22k_ft_in1k': _cfg(url=_RELEASE + 'smt_large_22k_224_ft.pth'),
+    'smt_l.in22k': _cfg(url=_RELEASE + 'smt_large_22k.pth', num_classes=21841),
     'test_smt.untrained': _cfg(input_size=(3, 160, 160), pool_size=(5, 5)),
 })
 

@@ -29,6 +29,10 @@ from compress.stages.base import StageContext, StageResult
 __all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'pt2e_coverage', 'openvino_coverage']
 
 _WEIGHTED_ATEN_OPS = ('conv1d', 'conv2d', 'conv3d', 'linear', 'conv_transpose2d')
+# ops with real compute that X86InductorQuantizer leaves in float: reported so a slow int8 model can be explained
+_FLOAT_COMPUTE_OPS = ('conv1d', 'conv2d', 'linear', 'matmul', 'bmm', 'group_norm', 'layer_norm', 'batch_norm',
+                      'softmax', '_softmax', 'scaled_dot_product_attention', 'argmax', 'gather', 'mul', 'add',
+                      'gelu', 'silu', 'sigmoid', 'mean')
 
 
 def _first_line(error: Exception) -> str:
@@ -69,8 +73,15 @@ def _module_path(node) -> str:
 def pt2e_coverage(graph_module: torch.fx.GraphModule) -> dict:
     """Which conv/linear weights of a converted PT2E graph are int8 (their weight comes through a dequantize)."""
     quantized, total, left_float = 0, 0, []
+    float_ops: dict[str, int] = {}
     for node in graph_module.graph.nodes:
-        if node.op != 'call_function' or getattr(node.target, '__name__', '').split('.')[0] not in _WEIGHTED_ATEN_OPS:
+        if node.op != 'call_function':
+            continue
+        op_name = getattr(node.target, '__name__', str(node.target)).split('.')[0]
+        if op_name in _FLOAT_COMPUTE_OPS and not any('dequantize' in str(getattr(a, 'target', ''))
+                                                     for a in node.all_input_nodes):
+            float_ops[op_name] = float_ops.get(op_name, 0) + 1
+        if op_name not in _WEIGHTED_ATEN_OPS:
             continue
         weight = node.args[1]
         is_quantized = weight.op == 'call_function' and 'dequantize' in str(weight.target)
@@ -87,6 +98,7 @@ def pt2e_coverage(graph_module: torch.fx.GraphModule) -> dict:
     return {
         'quantized_weight_fraction': round(quantized / total, 4) if total else 0.0,
         'int8_weight_elements': quantized, 'weight_elements': total, 'not_quantized': left_float,
+        'float_ops': float_ops,
     }
 
 
@@ -172,6 +184,9 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         if coverage.get('not_quantized'):
             notes.append(f'{len(coverage["not_quantized"])} weighted layers left in float, e.g. '
                          f'{coverage["not_quantized"][0]["layer"]}')
+        if coverage.get('float_ops'):
+            notes.append('ops running in float on float inputs: ' + ', '.join(
+                f'{op} x{count}' for op, count in sorted(coverage['float_ops'].items(), key=lambda kv: -kv[1])))
         results.append(StageResult(
             name=name, kind='ptq_int8', runner=runner, float_model=model, next_model=None, precision=precision,
             backend=backend, seconds=time.perf_counter() - start, coverage=coverage, notes=notes,
