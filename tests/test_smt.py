@@ -561,3 +561,18 @@ def test_model_class_exported():
     # register_model appends every entrypoint (incl. test_smt) to __all__: never star-import this module in tests
     assert compress.models.smt.__all__[0] == 'SMT' and 'test_smt' in compress.models.smt.__all__
     assert isinstance(timm.create_model('test_smt'), SMT)
+
+
+def test_fuse_gives_a_plain_conv_that_pt2e_quantizes():
+    from timm.utils.model import reparameterize_model
+
+    from compress.stages.ptq_int8 import quantize_x86_pt2e
+    torch.manual_seed(0)
+    model = timm.create_model('test_smt').eval()
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(type(m).__name__ == 'MultiHeadMixedConv' for m in fused.modules())
+    _, coverage = quantize_x86_pt2e(fused, [x])
+    assert coverage['quantized_weight_fraction'] == 1.0

@@ -127,6 +127,21 @@ class MultiHeadMixedConv(nn.Module):
         weight, bias = self.fused_weight_bias()
         return F.conv2d(x, weight, bias, padding=self.num_heads, groups=weight.shape[0])
 
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """The same function as one plain depthwise conv (for ``timm.utils.reparameterize_model`` before export).
+
+        Quantizers annotate convs whose weight is a parameter; here the weight is assembled in the forward, so
+        PT2E would leave this conv in float without the fused module.
+        """
+        weight, bias = self.fused_weight_bias()
+        conv = nn.Conv2d(weight.shape[0], weight.shape[0], weight.shape[-1], padding=self.num_heads,
+                         groups=weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+        return conv
+
 
 class ScaleAwareModulation(nn.Module):
     """SAM mixer: out = proj(SAA(MHMC(s(x))) * v(x)) on NHWC tokens."""

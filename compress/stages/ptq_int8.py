@@ -19,6 +19,7 @@ import os
 import time
 
 import torch
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 from compress.config import PtqInt8Stage
@@ -156,6 +157,8 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                                 ctx.seed)
     calib_count = sum(len(images) for images in calib)
     transformer = _has_attention(model) if cfg.transformer is None else cfg.transformer
+    # deploy form: blocks with fuse()/reparameterize() (timm's convention) become the plain layers quantizers know
+    deploy_model = reparameterize_model(model)
     results = []
     for backend in cfg.backend:
         start = time.perf_counter()
@@ -163,13 +166,13 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         notes = [f'calibrated on {calib_count} images of the calibration split']
         try:
             if backend == 'x86_pt2e':
-                graph, coverage = quantize_x86_pt2e(model, calib)
+                graph, coverage = quantize_x86_pt2e(deploy_model, calib)
                 runner = TorchRunner(graph, compiled=ctx.eval_cfg.compile, label='int8',
                                      fixed_batch=ctx.eval_cfg.batch_size)
                 if not ctx.eval_cfg.compile:
                     notes.append('eval.compile is false: the int8 graph ran as reference q/dq ops, not int8 kernels')
             else:
-                ov_model, coverage = quantize_openvino(model, calib, transformer)
+                ov_model, coverage = quantize_openvino(deploy_model, calib, transformer)
                 runner = OpenVINORunner(ov_model, label='int8', precision='f32')
                 runtime = runner.runtime_precisions()
                 coverage['runtime_precisions'] = {p: len(names) for p, names in runtime.items()}

@@ -1,0 +1,111 @@
+"""Speed of a model in every deployed form, measured in one process so the ratios are honest.
+
+``python -m eval.benchmark spartan_xt spartan_t smt_t --batch 1 32`` prints, per model: params and GMACs (ours,
+next to the paper's and the extraction notes' figures where we have them), CPU img/s of fp32 eager, fp32
+``torch.compile``, PT2E int8 (compiled) and NNCF int8 in OpenVINO (with OpenVINO fp32 under the f32 hint for
+reference), and the int8 speedups over fp32 compiled. Weights are random and calibration uses random images:
+speed does not depend on them (accuracy does; use a recipe for that). Single-threaded unless ``--threads``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import timm
+import torch
+from tabulate import tabulate
+
+import compress.models  # noqa: F401
+from compress.deploy import OpenVINORunner, TorchRunner
+from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+from eval.complexity import count_macs, count_params
+from eval.throughput import measure_cpu
+
+__all__ = ['benchmark_model', 'REFERENCE']
+
+# Published figures (paper) and our notes' figures (from the official code) at the input size given:
+# (input size, paper params M, paper GMACs, notes params M, notes GMACs). GMACs of the papers are their "GFLOPs".
+REFERENCE = {
+    'spartan_xt': (224, 2.2, 0.64, 2.222792, 0.6405),
+    'spartan_t': (224, 3.8, 0.83, 3.820296, 0.8291),
+    'smt_t': (224, 11.5, 2.4, 11.51, 2.38),
+    'smt_s': (224, 20.5, 4.7, 22.55, 4.66),
+    'smt_b': (224, 32.0, 7.7, 32.04, 7.69),
+    'smt_l': (224, 80.5, 17.7, 80.62, 17.48),
+}
+
+
+def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size: int | None = None,
+                    backends=('x86_pt2e', 'openvino'), repeats: int = 3, min_seconds: float = 1.0) -> dict:
+    """Params, MACs and img/s of every deployed form of one model; see the module docstring."""
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    size = input_size or (REFERENCE.get(name, (None,))[0] or model.pretrained_cfg['input_size'][-1])
+    shape = (3, size, size)
+    row = {'model': name, 'input': size, 'params_m': round(count_params(model) / 1e6, 3),
+           'gmacs': round(count_macs(model, shape) / 1e9, 3)}
+    if name in REFERENCE:
+        _, row['paper_params_m'], row['paper_gmacs'], row['notes_params_m'], row['notes_gmacs'] = REFERENCE[name]
+    deploy = reparameterize_model(model)
+    calib = [torch.randn(8, *shape) for _ in range(4)]
+    runners = {'fp32_eager': TorchRunner(model, compiled=False, label='fp32 eager'),
+               'fp32_compiled': TorchRunner(model, compiled=True, label='fp32')}
+    if 'x86_pt2e' in backends:
+        graph, coverage = quantize_x86_pt2e(deploy, calib)
+        runners['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
+        row['pt2e_int8_weights'] = coverage['quantized_weight_fraction']
+    if 'openvino' in backends:
+        import openvino as ov
+        fp32_ov = ov.convert_model(deploy, example_input=calib[0][:1])
+        runners['ov_fp32'] = OpenVINORunner(fp32_ov, 'fp32', precision='f32', threads=threads)
+        ov_model, coverage = quantize_openvino(deploy, calib, transformer=False)
+        runners['ov_int8'] = OpenVINORunner(ov_model, 'int8', precision='f32', threads=threads)
+        row['ov_int8_weights'] = coverage['quantized_weight_fraction']
+    # interleave: every form at one batch size, then the next, so load changes hit all forms alike
+    for batch in batch_sizes:
+        for label, runner in runners.items():
+            row[f'{label}_bs{batch}'] = measure_cpu(runner, shape, batch, threads=threads, warmup=2,
+                                                    repeats=repeats, min_seconds=min_seconds)['img_s']
+        compiled = row[f'fp32_compiled_bs{batch}']
+        for label in ('pt2e_int8', 'ov_int8'):
+            if f'{label}_bs{batch}' in row:
+                row[f'{label}_speedup_bs{batch}'] = round(row[f'{label}_bs{batch}'] / compiled, 2)
+        if f'ov_int8_bs{batch}' in row:
+            row[f'ov_int8_vs_ov_fp32_bs{batch}'] = round(row[f'ov_int8_bs{batch}'] / row[f'ov_fp32_bs{batch}'], 2)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('models', nargs='+')
+    parser.add_argument('--batch', type=int, nargs='+', default=[1, 32])
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--input-size', type=int)
+    parser.add_argument('--backends', nargs='+', default=['x86_pt2e', 'openvino'])
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--json', help='also write the rows to this file')
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if not timm.models.is_model(m)]
+    if unknown:
+        print(f'error: unknown model {unknown[0]!r}; see timm.list_models()', file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.models:
+        rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    columns = ['model', 'input', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
+    for batch in args.batch:
+        columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'pt2e_int8_speedup_bs{batch}',
+                    f'ov_int8_speedup_bs{batch}', f'ov_int8_vs_ov_fp32_bs{batch}']
+    columns = [c for c in columns if any(c in row for row in rows)]
+    print(tabulate([[row.get(c, '') for c in columns] for row in rows], columns, tablefmt='github'))
+    if args.json:
+        with open(args.json, 'w') as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The benchmark command measures every deployed form in one process and reports int8 speedups."""
+from eval.benchmark import benchmark_model, main
+
+
+def test_benchmark_row_has_every_form_and_ratios():
+    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05)
+    for form in ('fp32_eager', 'fp32_compiled', 'pt2e_int8', 'ov_fp32', 'ov_int8'):
+        assert row[f'{form}_bs4'] > 0
+    assert row['pt2e_int8_speedup_bs4'] == round(row['pt2e_int8_bs4'] / row['fp32_compiled_bs4'], 2)
+    assert row['pt2e_int8_weights'] == 1.0 and row['ov_int8_weights'] == 1.0
+    assert row['params_m'] == 0.019
+
+
+def test_unknown_model_is_one_line(capsys):
+    assert main(['no_such_model']) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown model 'no_such_model'; see timm.list_models()"
