@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 import compress.models  # noqa: F401
 from compress.deploy import OpenVINORunner, TorchRunner
-from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+from compress.stages.ptq_int8 import openvino_fp32, quantize_openvino, quantize_x86_pt2e
 from eval.complexity import count_macs, count_params
 from eval.throughput import measure_cpu
 
@@ -57,9 +57,7 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
         runners['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
         row['pt2e_int8_weights'] = coverage['quantized_weight_fraction']
     if 'openvino' in backends:
-        import openvino as ov
-        fp32_ov = ov.convert_model(deploy, example_input=calib[0][:1])
-        runners['ov_fp32'] = OpenVINORunner(fp32_ov, 'fp32', precision='f32', threads=threads)
+        runners['ov_fp32'] = openvino_fp32(deploy, calib[0][:1]).for_threads(threads)
         ov_model, coverage = quantize_openvino(deploy, calib, transformer=False)
         runners['ov_int8'] = OpenVINORunner(ov_model, 'int8', precision='f32', threads=threads)
         row['ov_int8_weights'] = coverage['quantized_weight_fraction']

@@ -52,6 +52,9 @@ def evaluate_stage(result: StageResult, ctx, before: dict | None = None, baselin
             metrics[f'cpu_img_s_bs{batch}'] = measured['img_s']
             metrics[f'cpu_latency_ms_bs{batch}'] = measured['latency_ms']
             metrics[f'cpu_spread_bs{batch}'] = measured['spread']
+        for name, reference in result.reference_runners.items():
+            for batch in cfg.throughput_batch_sizes:
+                metrics[f'cpu_img_s_bs{batch}_{name}'] = measure_cpu(reference, ctx.input_size, batch, **timing)['img_s']
         if cfg.eager and result.precision == 'fp32':
             eager = TorchRunner(result.float_model, compiled=False, label='fp32 eager')
             for batch in cfg.throughput_batch_sizes:

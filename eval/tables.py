@@ -35,6 +35,7 @@ COLUMNS = [
     ('cpu_img_s_bs1', lambda m, b: _number(m.get('cpu_img_s_bs1'), 1)),
     ('cpu_img_s_bs32', lambda m, b: _number(m.get('cpu_img_s_bs32'), 1)),
     ('eager_bs32', lambda m, b: _number(m.get('cpu_img_s_bs32_eager'), 1)),
+    ('ov_fp32_bs32', lambda m, b: _number(m.get('cpu_img_s_bs32_openvino_fp32'), 1)),
     ('speedup_bs32', lambda m, b: _ratio(m.get('cpu_img_s_bs32'), b.get('cpu_img_s_bs32'))),
     ('int8_weights', lambda m, b: f'{m["quantized_weight_fraction"]:.0%}' if 'quantized_weight_fraction' in m else ''),
 ]

@@ -38,3 +38,5 @@ class StageResult:
     seconds: float = 0.0
     coverage: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # other forms timed next to this one for context (e.g. 'openvino_fp32'): throughput only, no accuracy
+    reference_runners: dict[str, Any] = field(default_factory=dict)

@@ -119,6 +119,13 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], transformer: 
     return quantized, openvino_coverage(quantized)
 
 
+def openvino_fp32(model: nn.Module, example: torch.Tensor) -> OpenVINORunner:
+    import openvino as ov
+    ov_model = ov.convert_model(model.eval(), example_input=example)
+    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
+    return OpenVINORunner(ov_model, label='fp32', precision='f32')
+
+
 def _weight_constant(node, depth: int = 0):
     """Follow a weight input through Convert/Subtract/Multiply/Reshape/FakeQuantize back to its constant."""
     if node.get_type_name() == 'Constant':
@@ -161,6 +168,7 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
     deploy_model = reparameterize_model(model)
     results = []
     for backend in cfg.backend:
+        references = {}
         start = time.perf_counter()
         name = f'ptq_int8[{backend}]'
         notes = [f'calibrated on {calib_count} images of the calibration split']
@@ -174,6 +182,8 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
             else:
                 ov_model, coverage = quantize_openvino(deploy_model, calib, transformer)
                 runner = OpenVINORunner(ov_model, label='int8', precision='f32')
+                # OpenVINO's own fp32 (f32 hint) separates the runtime's gain from the quantization's
+                references = {'openvino_fp32': openvino_fp32(deploy_model, calib[0][:1])}
                 runtime = runner.runtime_precisions()
                 coverage['runtime_precisions'] = {p: len(names) for p, names in runtime.items()}
                 if transformer:
@@ -193,5 +203,6 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         results.append(StageResult(
             name=name, kind='ptq_int8', runner=runner, float_model=model, next_model=None, precision=precision,
             backend=backend, seconds=time.perf_counter() - start, coverage=coverage, notes=notes,
+            reference_runners=references,
         ))
     return results

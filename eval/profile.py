@@ -1,0 +1,271 @@
+"""Where the CPU time goes: per-op / per-layer profile of any timm model, fp32 vs int8.
+
+    python -m eval.profile spartan_t --input-size 224 --batch 32 --backend both --top 25
+
+Builds the model (random init), then, single-threaded and in one process:
+
+* torch: ``torch.profiler`` on the compiled fp32 model and the compiled PT2E int8 model (X86InductorQuantizer).
+  Rows are grouped by kernel / op name (inductor's fused C++ kernels have their graph prefix and index stripped).
+  oneDNN conv / linear calls are mapped back to module names through their input and weight shapes; every other
+  kernel is attributed to the module of the conv / linear that ran just before it ("after <module>").
+* OpenVINO: the CPU plugin's performance counters (``PERF_COUNT``) on the fp32 model (f32 hint) and on the NNCF
+  int8 model; rows are grouped by layer type and exec type (e.g. ``Convolution [brgconv_avx512_I8]``), with the
+  module names parsed from the layer names.
+* totals: CPU time per batch (``time.process_time``, median of interleaved rounds, no profiler attached) for fp32
+  eager, every compiled / OpenVINO variant, and the int8 / fp32 ratio of each backend.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+from collections import defaultdict
+
+import timm
+import torch
+from torch import nn
+
+import compress.models  # noqa: F401  (registers the project's models with timm)
+
+__all__ = ['profile_model', 'print_profile']
+
+_KERNEL_OPS = ('convolution', 'qconv', 'qlinear', 'linear', 'addmm', 'onednn::', 'mkldnn::', 'mkl::')
+_OVERHEAD = ('## Call CompiledFxGraph', 'TorchDynamo', 'Torch-Compiled Region', 'CompiledFunction')
+
+
+def _role(module: str) -> str:
+    return re.sub(r'(blocks|layers|stages)\.\d+', r'\1.*', module)
+
+
+def _compact(names: list[str]) -> str:
+    """['a.b.x', 'a.b.y'] -> 'a.b.{x,y}' (layers with the same shapes cannot be told apart)."""
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:prefix.rfind('.') + 1]
+    return prefix + '{' + ','.join(n[len(prefix):] for n in names) + '}'
+
+
+def _layer_signatures(model: nn.Module, images: torch.Tensor) -> dict:
+    """(input shape without batch, weight shape) -> module names, for every conv / linear."""
+    signatures, hooks = defaultdict(list), []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            def hook(m, args, _out, name=name):
+                signatures[(tuple(args[0].shape[1:]), tuple(m.weight.shape))].append(name)
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(images[:1])
+    for h in hooks:
+        h.remove()
+    return signatures
+
+
+def _match_layer(event, signatures: dict) -> str | None:
+    shapes = [s for s in (event.input_shapes or []) if s]
+    if len(shapes) < 2:
+        return None
+    x_shape = tuple(shapes[0][1:])
+    for w_shape in shapes[1:3]:
+        for key in ((x_shape, tuple(w_shape)), (x_shape, tuple(reversed(w_shape)))):
+            if key in signatures:
+                return _compact(sorted({_role(n) for n in signatures[key]}))
+    return None
+
+
+def _group_rows(items, total_ms: float, top: int) -> list[dict]:
+    """items: (op, kind, ms, module); returns rows sorted by time, with the modules each op ran in."""
+    by_op = defaultdict(lambda: {'ms': 0.0, 'calls': 0, 'modules': defaultdict(float)})
+    for op, kind, ms, module in items:
+        row = by_op[(op, kind)]
+        row['ms'] += ms
+        row['calls'] += 1
+        row['modules'][module] += ms
+    rows = []
+    for (op, kind), row in sorted(by_op.items(), key=lambda kv: -kv[1]['ms'])[:top]:
+        modules = sorted(row['modules'].items(), key=lambda kv: -kv[1])
+        rows.append({'op': op, 'kind': kind, 'ms': row['ms'], 'pct': 100 * row['ms'] / total_ms,
+                     'calls': row['calls'], 'modules': ', '.join(m for m, _ in modules[:3])
+                     + (f' (+{len(modules) - 3})' if len(modules) > 3 else '')})
+    return rows
+
+
+def _torch_profile(fn, images, signatures: dict, iters: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        fn(images)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(iters):
+                fn(images)
+    items, module = [], 'input'
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        ms = event.self_cpu_time_total / 1000 / iters
+        name = event.name
+        if name.startswith(_OVERHEAD):
+            items.append(('python / dynamo overhead', 'overhead', ms, '-'))
+            continue
+        if any(k in name for k in _KERNEL_OPS):
+            matched = _match_layer(event, signatures)
+            if matched is not None:
+                module = matched
+                items.append((name, 'conv/linear', ms, module))
+                continue
+        op = re.sub(r'^graph_\d+_', '', re.sub(r'_\d+$', '', name))
+        kind = 'inductor kernel' if op.startswith('cpp_fused') else 'aten op'
+        items.append((op, kind, ms, f'after {module}'))
+    total = sum(ms for *_, ms, _m in items)
+    by_kind = defaultdict(float)
+    for _op, kind, ms, _m in items:
+        by_kind[kind] += ms
+    by_module = defaultdict(float)
+    for *_, ms, m in items:
+        by_module[m.replace('after ', '')] += ms
+    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
+            'by_module': sorted(by_module.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def _ov_compile(ov_model, perf: bool):
+    import openvino as ov
+    config = {'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': 1}
+    if perf:
+        config['PERF_COUNT'] = True
+    return ov.Core().compile_model(ov_model, 'CPU', config)
+
+
+def _ov_profile(compiled, images, iters: int, top: int) -> dict:
+    # a runtime node fuses several original layers (conv + folded BN + activation): name it after them
+    original = {op.get_friendly_name(): op.get_rt_info()['originalLayersNames'].astype(str)
+                for op in compiled.get_runtime_model().get_ordered_ops()}
+    request = compiled.create_infer_request()
+    request.infer(images.numpy())
+    items = []
+    for _ in range(iters):
+        request.infer(images.numpy())
+        for info in request.get_profiling_info():
+            ms = info.real_time.total_seconds() * 1000 / iters
+            if info.status.name != 'EXECUTED' or ms <= 0:
+                continue
+            found = re.search(r'__module\.([\w.]+)', original.get(info.node_name, '') + info.node_name)
+            module = _role(found.group(1)) if found else info.node_name.split('/')[0][:40]
+            kind = 'conv/linear' if info.node_type in ('Convolution', 'GroupConvolution', 'FullyConnected',
+                                                       'MatMul', 'Deconvolution') else info.node_type
+            items.append((f'{info.node_type} [{info.exec_type}]', kind, ms, module))
+    total = sum(ms for *_, ms, _m in items)
+    by_kind = defaultdict(float)
+    for _op, kind, ms, _m in items:
+        by_kind['conv/linear' if kind == 'conv/linear' else 'other layers'] += ms
+    by_module = defaultdict(float)
+    for *_, ms, m in items:
+        by_module[m] += ms
+    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
+            'by_module': sorted(by_module.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def _cpu_ms(fns: dict, images, rounds: int) -> dict:
+    """Median process CPU time per call (ms), variants interleaved round by round."""
+    times = defaultdict(list)
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(images)
+        for _ in range(rounds):
+            for label, fn in fns.items():
+                start = time.process_time()
+                fn(images)
+                times[label].append(1000 * (time.process_time() - start))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def _compile(module: nn.Module):
+    """``compress.deploy.compile_for_cpu`` without its dynamo reset (which would recompile the earlier variants)."""
+    import copy
+    torch._inductor.config.freezing = True
+    module = copy.deepcopy(module)
+    return torch.compile(module if isinstance(module, torch.fx.GraphModule) else module.eval(), dynamic=False)
+
+
+def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backend: str = 'both', top: int = 25,
+                  iters: int = 2, rounds: int = 3, calib_batches: int = 2, model: nn.Module | None = None,
+                  **model_kwargs) -> dict:
+    """Profile fp32 (eager, compiled) and int8 of ``model_name``; returns totals and per-op rows per variant.
+
+    ``model`` overrides the timm build (e.g. a model prepared for deployment). Row times are ms per batch.
+    """
+    from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+    import torch._inductor.config as inductor_config
+    os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')
+    torch.set_num_threads(1)
+    inductor_config.cpp.enable_kernel_profile = True  # one profiler event per fused C++ kernel
+    torch.manual_seed(0)
+    model = (model or timm.create_model(model_name, **model_kwargs)).eval()
+    images = torch.randn(batch, 3, input_size, input_size)
+    calib = [torch.randn(max(2, min(batch, 8)), 3, input_size, input_size) for _ in range(calib_batches)]
+    signatures = _layer_signatures(model, images)
+    variants, result = {'fp32 eager': model}, {'model': model_name, 'batch': batch, 'input_size': input_size}
+    if backend in ('x86_pt2e', 'both'):
+        variants['torch fp32 compiled'] = _compile(model)
+        with torch.no_grad():
+            variants['torch fp32 compiled'](images)  # compile before the next one resets dynamo
+        graph, coverage = quantize_x86_pt2e(model, calib)
+        variants['torch int8 compiled'] = _compile(graph)
+        result['pt2e_coverage'] = coverage['quantized_weight_fraction']
+        for label in ('torch fp32 compiled', 'torch int8 compiled'):
+            result[label] = _torch_profile(variants[label], images, signatures, iters, top)
+    if backend in ('openvino', 'both'):
+        import openvino as ov
+        fp32_ov = ov.convert_model(model, example_input=images[:1])
+        fp32_ov.reshape({fp32_ov.inputs[0]: ov.PartialShape([-1, 3, input_size, input_size])})
+        int8_ov, coverage = quantize_openvino(model, calib, transformer=False)
+        result['openvino_coverage'] = coverage['quantized_weight_fraction']
+        for label, ov_model in (('openvino fp32', fp32_ov), ('openvino int8', int8_ov)):
+            result[label] = _ov_profile(_ov_compile(ov_model, perf=True), images, iters, top)
+            compiled = _ov_compile(ov_model, perf=False)
+            variants[label] = lambda x, c=compiled: c(x.numpy())
+    result['cpu_ms'] = _cpu_ms(variants, images, rounds)
+    ms = result['cpu_ms']
+    result['ratios'] = {k: ms[a] / ms[b] for k, a, b in (
+        ('torch int8 / fp32 compiled', 'torch int8 compiled', 'torch fp32 compiled'),
+        ('openvino int8 / fp32', 'openvino int8', 'openvino fp32')) if a in ms and b in ms}
+    return result
+
+
+def print_profile(result: dict, top: int = 25) -> None:
+    batch = result['batch']
+    print(f"\n=== {result['model']} @ {result['input_size']} px, batch {batch}, 1 thread ===")
+    for label in ('torch fp32 compiled', 'torch int8 compiled', 'openvino fp32', 'openvino int8'):
+        if label not in result:
+            continue
+        prof = result[label]
+        kinds = ', '.join(f'{k} {v:.1f} ms ({100 * v / prof["total_ms"]:.0f}%)' for k, v in
+                          sorted(prof['by_kind'].items(), key=lambda kv: -kv[1]))
+        print(f"\n--- {label}: profiled {prof['total_ms']:.1f} ms/batch: {kinds}")
+        print(f"{'self ms':>9} {'%':>5} {'calls':>6}  {'op':<58} modules")
+        for row in prof['rows'][:top]:
+            print(f"{row['ms']:9.2f} {row['pct']:5.1f} {row['calls'] // 1:6d}  {row['op'][:58]:<58} {row['modules']}")
+        print('  by module (kernels attributed to the preceding conv/linear):')
+        for module, ms in prof['by_module'][:10]:
+            print(f"{ms:9.2f} {100 * ms / prof['total_ms']:5.1f}  {module}")
+    print('\n--- totals: CPU time per batch (median of interleaved rounds, no profiler)')
+    for label, ms in result['cpu_ms'].items():
+        print(f'{label:<22} {ms:9.1f} ms  {1000 * batch / ms:8.1f} img/s')
+    for label, ratio in result['ratios'].items():
+        print(f'{label:<28} time ratio {ratio:.3f}  (speedup {1 / ratio:.2f}x)')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('model')
+    parser.add_argument('--input-size', type=int, default=224)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--backend', choices=('x86_pt2e', 'openvino', 'both'), default='both')
+    parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--iters', type=int, default=2, help='profiled iterations per variant')
+    parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
+    args = parser.parse_args(argv)
+    result = profile_model(args.model, args.input_size, args.batch, args.backend, args.top, args.iters, args.rounds)
+    print_profile(result, args.top)
+
+
+if __name__ == '__main__':
+    main()
