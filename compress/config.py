@@ -20,7 +20,7 @@ import yaml
 
 __all__ = [
     'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
-    'TrainStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+    'TrainStage', 'PruneStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
 ]
 
 
@@ -154,7 +154,39 @@ class PtqInt8Stage:
         _require(self.calib_images > 0, 'calib_images', 'must be positive')
 
 
-STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'ptq_int8': PtqInt8Stage}
+IMPORTANCES = ('magnitude', 'group_norm', 'taylor', 'lamp', 'fpgm', 'random')
+
+
+@dataclass
+class PruneStage:
+    """Structured (physical) pruning with Torch-Pruning: whole channels and heads leave the model.
+
+    Give either ``ratio`` (the fraction of channels removed from each prunable group, or globally) or
+    ``target_macs`` (the fraction of the input model's MACs to keep; the channel ratio is searched).
+    """
+    kind: str = 'prune'
+    importance: str = field(default='group_norm', metadata={'help': ', '.join(IMPORTANCES)})
+    ratio: float | None = field(default=None, metadata={'help': 'channel ratio removed, in (0, 1)'})
+    target_macs: float | None = field(default=None, metadata={'help': 'fraction of MACs to keep, in (0, 1)'})
+    global_pruning: bool = field(default=False, metadata={'help': 'rank channels across layers, not per layer'})
+    round_to: int | None = field(default=8, metadata={'help': 'keep channel counts multiples of this'})
+    heads: str = field(default='dims', metadata={
+        'help': 'attention: dims (shrink head_dim, keep the head count), heads (remove whole heads), none'})
+    importance_batches: int = field(default=4, metadata={'help': 'batches of gradients for taylor importance'})
+    ignore: list[str] = field(default_factory=list, metadata={'help': 'module names (prefixes) never pruned'})
+
+    def __post_init__(self):
+        _require(self.importance in IMPORTANCES, 'importance', f'must be one of {", ".join(IMPORTANCES)}')
+        _require((self.ratio is None) != (self.target_macs is None), 'ratio',
+                 'give exactly one of ratio (channels removed) and target_macs (fraction of MACs kept)')
+        for key in ('ratio', 'target_macs'):
+            value = getattr(self, key)
+            _require(value is None or 0 < value < 1, key, 'must be in (0, 1)')
+        _require(self.round_to is None or self.round_to >= 1, 'round_to', 'must be >= 1 or null')
+        _require(self.heads in ('dims', 'heads', 'none'), 'heads', 'must be dims, heads or none')
+
+
+STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'ptq_int8': PtqInt8Stage}
 QUANTIZE_KINDS = {'ptq_int8'}
 
 

@@ -37,7 +37,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     """
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    need_calib = any(s.kind in QUANTIZE_KINDS for s in cfg.stages)
+    need_calib = any(s.kind in QUANTIZE_KINDS or s.kind == 'prune' for s in cfg.stages)
     need_train = any(s.kind == 'train' for s in cfg.stages)
     data = build_datasets(cfg.data, need_calib, need_train, cfg.seed)
     model, weights_cfg, model_notes = build_model(cfg.model, data.num_classes)

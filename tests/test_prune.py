@@ -1,0 +1,76 @@
+"""Structured pruning: real width changes, the function kept where only dead channels go, MAC targets met."""
+import pytest
+import timm
+import torch
+
+import compress.models  # noqa: F401
+from compress.config import PruneStage, RecipeError
+from compress.stages.prune import prune_model
+from eval.complexity import count_macs, count_params
+
+
+def test_resnet_cifar_keeps_its_residual_stream_and_halves_macs():
+    model = timm.create_model('resnet20_cifar').eval()
+    pruned, spec = prune_model(model, PruneStage(ratio=0.5), 0.5, torch.randn(2, 3, 32, 32))
+    for block, original in zip((b for s in pruned.stages for b in s), (b for s in model.stages for b in s)):
+        assert block.conv2.out_channels == original.conv2.out_channels  # option-A stream untouched
+        assert block.conv1.out_channels == original.conv1.out_channels // 2
+    assert count_macs(pruned, (3, 32, 32)) / count_macs(model, (3, 32, 32)) == pytest.approx(0.505, abs=0.01)
+    assert pruned(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_pruning_dead_channels_keeps_the_function():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet20_cifar').eval()
+    dead = {}
+    with torch.no_grad():
+        for block in (b for s in model.stages for b in s):
+            width = block.conv1.out_channels
+            channels = torch.randperm(width)[:width // 2]
+            block.conv1.weight[channels] = 0
+            block.bn1.weight[channels] = 0
+            block.bn1.bias[channels] = 0
+            block.conv2.weight[:, channels] = 0
+            dead[block] = channels
+        x = torch.randn(4, 3, 32, 32)
+        expected = model(x)
+    pruned, _ = prune_model(model, PruneStage(ratio=0.5, importance='group_norm', round_to=None), 0.5, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_macs_is_searched():
+    model = timm.create_model('resnet20_cifar').eval()
+    from compress.stages.prune import _search_ratio
+    cfg = PruneStage(target_macs=0.7, round_to=None)
+    pruned, ratio, _ = _search_ratio(model, cfg, torch.randn(2, 3, 32, 32), None, (3, 32, 32),
+                                     count_macs(model, (3, 32, 32)))
+    assert count_macs(pruned, (3, 32, 32)) / count_macs(model, (3, 32, 32)) == pytest.approx(0.7, abs=0.01)
+    assert 0.2 < ratio < 0.4  # inner channels only: block MACs scale with (1 - ratio)
+
+
+def test_taylor_importance_uses_gradients():
+    model = timm.create_model('test_resnet_cifar').eval()
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    pruned, _ = prune_model(model, PruneStage(ratio=0.25, importance='taylor'), 0.25, batches[0][0][:2], batches)
+    assert count_params(pruned) < count_params(model)
+    assert all(p.grad is None for p in pruned.parameters())
+
+
+@pytest.mark.parametrize('heads', ['dims', 'heads'])
+def test_vit_heads_stay_consistent(heads):
+    model = timm.create_model('deit_tiny_patch16_224', depth=2).eval()
+    pruned, _ = prune_model(model, PruneStage(ratio=0.5, heads=heads, round_to=None), 0.5,
+                            torch.randn(2, 3, 224, 224))
+    attn = pruned.blocks[0].attn
+    assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    assert (attn.num_heads < 3) if heads == 'heads' else (attn.num_heads == 3 and attn.head_dim < 64)
+    assert pruned(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    assert pruned.head.out_features == 1000
+
+
+def test_prune_config_needs_exactly_one_amount():
+    with pytest.raises(RecipeError, match='exactly one of ratio'):
+        PruneStage(ratio=0.5, target_macs=0.5)
+    with pytest.raises(RecipeError, match='must be in'):
+        PruneStage(ratio=1.5)
