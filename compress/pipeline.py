@@ -1,13 +1,14 @@
 """The one straight path of a run: recipe → model → data → baseline → stages → record."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import time
 from pathlib import Path
 
 import torch
 
-from compress.config import QUANTIZE_KINDS, RecipeConfig
+from compress.config import QUANTIZE_KINDS, TRAINING_KINDS, RecipeConfig
 from compress.data import attach_transforms, build_datasets, resolve_data_config
 from compress.deploy import TorchRunner
 from compress.factory import build_model
@@ -38,13 +39,15 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     need_calib = any(s.kind in QUANTIZE_KINDS or s.kind == 'prune' for s in cfg.stages)
-    need_train = any(s.kind == 'train' for s in cfg.stages)
+    need_train = any(s.kind in TRAINING_KINDS for s in cfg.stages)
     data = build_datasets(cfg.data, need_calib, need_train, cfg.seed)
     model, weights_cfg, model_notes = build_model(cfg.model, data.num_classes)
     data_config = resolve_data_config(cfg.data, model, weights_cfg)
     attach_transforms(data, data_config, cfg.data.train_augment)
     input_size = tuple(data_config['input_size'])
-    ctx = StageContext(accelerator, data, cfg.data, cfg.eval, input_size, cfg.seed)
+    ctx = StageContext(accelerator, data, cfg.data, cfg.eval, input_size, cfg.seed,
+                       initial_model=copy.deepcopy(model) if any(s.kind == 'distill' for s in cfg.stages) else None,
+                       data_config=data_config)
     accelerator.print(f'{cfg.name}: {cfg.model.name} on {data.name} ({len(data.eval)} eval images), '
                       f'input {input_size}; {"; ".join(model_notes)}')
 

@@ -23,6 +23,8 @@ class StageContext:
     eval_cfg: EvalConfig
     input_size: tuple[int, int, int]
     seed: int = 0
+    initial_model: nn.Module | None = None   # the model before the first stage (the default KD teacher)
+    data_config: dict | None = None          # the resolved preprocessing (mean, std, input size)
 
 
 @dataclass

@@ -29,8 +29,30 @@ def _cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> tuple[nn.Module, dict]:
-    """Train ``model`` on the training split; returns the trained (unwrapped, eval-mode) model and a summary."""
+class CrossEntropyObjective:
+    """The supervised loss: ``(model, images, labels) -> (loss, logits)``."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        return self.loss_fn(logits, labels), logits
+
+
+def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=None, extra: nn.Module | None = None,
+                on_step=None, desc: str = 'train') -> tuple[nn.Module, dict]:
+    """Train ``model`` on the training split; returns the trained (unwrapped, eval-mode) model and a summary.
+
+    Args:
+        cfg: optimisation settings (a :class:`TrainStage` or a stage config extending it).
+        model: the model to train (in place).
+        ctx: the stage context.
+        objective: ``(model, images, labels) -> (loss, logits)``; default cross-entropy with label smoothing.
+        extra: more trainable modules the objective uses (e.g. feature-distillation projections).
+        on_step: called as ``on_step(step, total_steps, model)`` before each step (e.g. QAT freezing schedules).
+        desc: progress-bar label.
+    """
     accelerator = ctx.accelerator
     if ctx.data.train is None:
         raise ValueError('the train stage needs a training split')
@@ -38,20 +60,25 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> tuple[n
                          shuffle=True, seed=ctx.seed, drop_last=True)
     steps_per_epoch = len(loader)
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    if extra is not None:
+        groups += param_groups_weight_decay(extra, cfg.weight_decay)
+        extra.train()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(total_steps, max(1, int(cfg.warmup_fraction * total_steps))))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    model.train()
+    objective = objective or CrossEntropyObjective(cfg.label_smoothing)
+    _train_mode(model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     step, running_loss, running_correct, seen = 0, 0.0, 0, 0
-    progress = tqdm(total=total_steps, desc='train', disable=None if accelerator.is_local_main_process else True,
+    progress = tqdm(total=total_steps, desc=desc, disable=None if accelerator.is_local_main_process else True,
                     leave=False)
     while step < total_steps:
         for images, labels, _ in loader:
+            if on_step is not None:
+                on_step(step, total_steps, model)
             with accelerator.autocast():
-                logits = model(images)
-                loss = loss_fn(logits, labels)
+                loss, logits = objective(model, images, labels)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -66,10 +93,24 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> tuple[n
             if step >= total_steps:
                 break
     progress.close()
-    model = accelerator.unwrap_model(model).eval()
+    model = _eval_mode(accelerator.unwrap_model(model))
     accelerator.free_memory()
     return model, {'steps': total_steps, 'train_loss': round(running_loss / max(1, seen), 4),
                    'train_top1': round(100 * running_correct / max(1, seen), 2)}
+
+
+def _train_mode(model: nn.Module) -> nn.Module:
+    if isinstance(model, torch.fx.GraphModule):  # exported graphs (PT2E QAT) switch modes through torchao
+        from torchao.quantization.pt2e import move_exported_model_to_train
+        return move_exported_model_to_train(model)
+    return model.train()
+
+
+def _eval_mode(model: nn.Module) -> nn.Module:
+    if isinstance(model, torch.fx.GraphModule):
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        return move_exported_model_to_eval(model)
+    return model.eval()
 
 
 def apply_train(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
