@@ -20,7 +20,7 @@ import yaml
 
 __all__ = [
     'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
-    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'QatInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
 ]
 
 
@@ -50,6 +50,7 @@ class ModelConfig:
 
 
 DATA_SOURCES = ('synthetic', 'imagefolder', 'hf')
+AUGMENTATIONS = ('rrc', 'crop_flip', 'none')
 
 
 @dataclass
@@ -79,7 +80,9 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     interpolation: str | None = None
-    train_augment: bool = field(default=True, metadata={'help': 'random-resized-crop + flip while training'})
+    train_augment: str = field(default='rrc', metadata={
+        'help': 'rrc: random-resized-crop + flip (training from scratch); crop_flip: padded random crop + flip '
+                '(fine-tuning a trained model: keeps its BN statistics); none'})
     synthetic_classes: int = 10
     synthetic_image_size: int = 32
     synthetic_train: int = 6000
@@ -104,6 +107,7 @@ class DataConfig:
         for key in ('mean', 'std'):
             value = getattr(self, key)
             _require(value is None or len(value) == 3, f'data.{key}', 'must have 3 values')
+        _require(self.train_augment in AUGMENTATIONS, 'data.train_augment', f'must be one of {", ".join(AUGMENTATIONS)}')
         _require(self.synthetic_classes >= 2, 'data.synthetic_classes', 'must be >= 2')
         _require(self.synthetic_image_size >= 16, 'data.synthetic_image_size', 'must be >= 16')
 
@@ -207,10 +211,34 @@ class DistillStage(TrainStage):
         _require(self.feature_weight >= 0, 'feature_weight', 'must be >= 0')
 
 
+@dataclass
+class QatInt8Stage(DistillStage):
+    """Quantization-aware training to static int8 (PT2E: ``prepare_qat_pt2e`` with X86InductorQuantizer, BN folded).
+
+    Fake-quantized training with optional KD (``alpha`` > 0; the teacher as in ``distill``), observers and then
+    BN statistics frozen on a schedule, then ``convert_pt2e`` → the same deployable int8 path as ``ptq_int8``.
+    """
+    kind: str = 'qat_int8'
+    backend: str = field(default='x86_pt2e', metadata={'help': 'x86_pt2e'})
+    epochs: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    alpha: float = field(default=0.0, metadata={'help': 'KD weight (0: labels only)'})
+    freeze_observers_at: float = field(default=0.6, metadata={'help': 'fraction of steps, then ranges are fixed'})
+    freeze_bn_at: float = field(default=0.7, metadata={'help': 'fraction of steps, then BN uses running stats'})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.backend == 'x86_pt2e', 'backend', 'qat_int8 supports x86_pt2e')
+        for key in ('freeze_observers_at', 'freeze_bn_at'):
+            _require(0 <= getattr(self, key) <= 1, key, 'must be a fraction of the steps in [0, 1]')
+        _require(self.feature_weight == 0, 'feature_weight', 'feature KD is not supported during QAT; use alpha')
+
+
 STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'distill': DistillStage,
-                                  'ptq_int8': PtqInt8Stage}
-QUANTIZE_KINDS = {'ptq_int8'}
-TRAINING_KINDS = {'train', 'distill'}
+                                  'ptq_int8': PtqInt8Stage, 'qat_int8': QatInt8Stage}
+QUANTIZE_KINDS = {'ptq_int8', 'qat_int8'}
+TRAINING_KINDS = {'train', 'distill', 'qat_int8'}
 
 
 @dataclass

@@ -249,7 +249,7 @@ def resolve_data_config(cfg: DataConfig, model: torch.nn.Module, weights_cfg: di
     return data_config
 
 
-def attach_transforms(bundle: DataBundle, data_config: dict, train_augment: bool) -> None:
+def attach_transforms(bundle: DataBundle, data_config: dict, train_augment: str = 'none') -> None:
     """Give each data set its transform: eval-style for eval and calibration, augmented for training."""
     from timm.data import create_transform
     eval_tf = create_transform(**data_config, is_training=False)
@@ -257,16 +257,27 @@ def attach_transforms(bundle: DataBundle, data_config: dict, train_augment: bool
         if dataset is not None:
             _base(dataset).transform = eval_tf
     if bundle.train is not None:
-        if train_augment:
-            train_tf = create_transform(
-                input_size=data_config['input_size'], is_training=True, mean=data_config['mean'],
-                std=data_config['std'], interpolation=data_config['interpolation'], hflip=0.5,
-                scale=(0.35, 1.0), auto_augment=None, re_prob=0.0,
-            )
-        else:
-            train_tf = eval_tf
-        _base(bundle.train).transform = train_tf
+        _base(bundle.train).transform = _train_transform(data_config, train_augment, eval_tf)
     bundle.data_config = data_config
+
+
+def _train_transform(data_config: dict, augment: str, eval_tf):
+    from timm.data import create_transform
+    from torchvision import transforms
+    if augment == 'none':
+        return eval_tf
+    if augment == 'rrc':
+        return create_transform(
+            input_size=data_config['input_size'], is_training=True, mean=data_config['mean'], std=data_config['std'],
+            interpolation=data_config['interpolation'], hflip=0.5, scale=(0.35, 1.0), auto_augment=None, re_prob=0.0)
+    # crop_flip: the eval geometry, then a padded random crop and a flip (the CIFAR recipe of He et al.)
+    size = data_config['input_size'][-1]
+    resize_and_crop = [t for t in eval_tf.transforms if not isinstance(t, (transforms.ToTensor, transforms.Normalize))
+                       and type(t).__name__ not in ('MaybeToTensor', 'ToNumpy')]
+    return transforms.Compose([
+        *resize_and_crop, transforms.RandomCrop(size, padding=max(1, size // 8), padding_mode='reflect'),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(mean=data_config['mean'], std=data_config['std'])])
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0,

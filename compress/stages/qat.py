@@ -1,0 +1,82 @@
+"""Stage ``qat_int8``: quantization-aware training to the same deployable int8 as ``ptq_int8`` (x86_pt2e).
+
+``torch.export`` (dynamic batch) → ``prepare_qat_pt2e`` with ``X86InductorQuantizer(is_qat=True)`` (conv + BN
+are fused into a fake-quantized conv with BN folding) → the project's training loop, optionally with the KD
+objective of ``distill`` → observers frozen at ``freeze_observers_at`` of the steps, BN statistics at
+``freeze_bn_at`` → ``convert_pt2e`` → ``torch.compile``. Note: PT2E QAT divides by BN gamma; a randomly
+initialised timm model with zero-initialised last BN gammas diverges (use trained weights).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+from compress.config import QatInt8Stage
+from compress.data import calibration_batches
+from compress.deploy import TorchRunner
+from compress.stages.base import StageContext, StageResult
+from compress.stages.distill import DistillationObjective, _renormalization, build_teacher
+from compress.stages.ptq_int8 import pt2e_coverage
+from compress.stages.train import train_model
+
+__all__ = ['apply_qat_int8', 'prepare_qat_x86']
+
+
+def prepare_qat_x86(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Export in training form and insert fake quantization as X86InductorQuantizer wants it for QAT."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    exported = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    return prepare_qat_pt2e(exported, quantizer)
+
+
+class _FreezeSchedule:
+    """Fixes the quantization ranges, then the BN statistics, at given fractions of the training steps."""
+
+    def __init__(self, observers_at: float, bn_at: float):
+        self.observers_at, self.bn_at = observers_at, bn_at
+        self.observers_frozen = self.bn_frozen = False
+
+    def __call__(self, step: int, total: int, model: nn.Module) -> None:
+        from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
+        model = model.module if hasattr(model, 'module') and isinstance(model.module, nn.Module) else model
+        if not self.observers_frozen and step >= self.observers_at * total:
+            model.apply(disable_observer)
+            self.observers_frozen = True
+        if not self.bn_frozen and step >= self.bn_at * total:
+            # the exported graph's batch norms switch to running statistics; weights keep training
+            move_exported_model_to_eval(model)
+            self.bn_frozen = True
+
+
+def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    start = time.perf_counter()
+    deploy_model = reparameterize_model(model)
+    example = calibration_batches(ctx.data.train, 2, 2, 0, ctx.seed)[0]
+    prepared = prepare_qat_x86(deploy_model, example)
+    notes = []
+    objective = None
+    if cfg.alpha > 0:
+        teacher, teacher_name = build_teacher(cfg, ctx)
+        objective = DistillationObjective(teacher, cfg, renormalize=_renormalization(teacher, ctx))
+        notes.append(f'KD from {teacher_name}, T={cfg.temperature}, alpha={cfg.alpha}')
+    schedule = _FreezeSchedule(cfg.freeze_observers_at, cfg.freeze_bn_at)
+    prepared, summary = train_model(cfg, prepared, ctx, objective=objective, on_step=schedule, desc='qat')
+    converted = convert_pt2e(move_exported_model_to_eval(prepared))
+    coverage = pt2e_coverage(converted)
+    notes.append(f'{summary["steps"]} QAT steps; observers frozen at {cfg.freeze_observers_at:.0%}, BN at '
+                 f'{cfg.freeze_bn_at:.0%}')
+    runner = TorchRunner(converted, compiled=ctx.eval_cfg.compile, label='int8', fixed_batch=ctx.eval_cfg.batch_size)
+    return [StageResult(
+        name='qat_int8[x86_pt2e]', kind='qat_int8', runner=runner, float_model=model, next_model=None,
+        precision='int8' if coverage['quantized_weight_fraction'] > 0 else 'fp32', backend='x86_pt2e',
+        seconds=time.perf_counter() - start, coverage={**coverage, 'qat': summary}, notes=notes,
+    )]

@@ -1,0 +1,54 @@
+"""QAT: fake-quantized training on the exported graph, freezing schedule, conversion to the deployable int8."""
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+
+import compress.models  # noqa: F401
+from compress.config import DataConfig, EvalConfig, QatInt8Stage, RecipeConfig, RecipeError, load_recipe
+from compress.data import DataBundle, SyntheticShapes, attach_transforms
+from compress.stages.base import StageContext
+from compress.stages.qat import _FreezeSchedule, apply_qat_int8, prepare_qat_x86
+
+
+@pytest.fixture(scope='module')
+def context():
+    bundle = DataBundle('synthetic', 10, SyntheticShapes('eval', 64), None, SyntheticShapes('train', 256), 'eval')
+    cfg = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.25,) * 3, 'interpolation': 'bilinear',
+           'crop_pct': 1.0, 'crop_mode': 'center'}
+    attach_transforms(bundle, cfg, 'crop_flip')
+    return StageContext(Accelerator(cpu=True), bundle, DataConfig(batch_size=32, workers=0),
+                        EvalConfig(compile=False), (3, 32, 32), initial_model=None, data_config=cfg)
+
+
+def test_qat_trains_freezes_and_converts(context):
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet_cifar').eval()
+    (result,) = apply_qat_int8(QatInt8Stage(epochs=1, lr=1e-3, freeze_observers_at=0.5, freeze_bn_at=0.75),
+                               model, context)
+    assert result.precision == 'int8' and result.coverage['quantized_weight_fraction'] == 1.0
+    assert result.coverage['qat']['steps'] == 8
+    images = torch.stack([context.data.eval[i][0] for i in range(16)])
+    assert result.runner(images).shape == (16, 10)
+    assert result.next_model is None  # a quantized model is final
+
+
+def test_freeze_schedule_disables_observers_then_bn():
+    model = timm.create_model('test_resnet_cifar')
+    prepared = prepare_qat_x86(model, torch.randn(2, 3, 32, 32))
+    fake_quants = [m for m in prepared.modules() if hasattr(m, 'observer_enabled')]
+    assert fake_quants and all(int(m.observer_enabled) == 1 for m in fake_quants)
+    schedule = _FreezeSchedule(observers_at=0.5, bn_at=0.9)
+    schedule(5, 10, prepared)
+    assert all(int(m.observer_enabled) == 0 for m in fake_quants) and not schedule.bn_frozen
+    schedule(9, 10, prepared)
+    assert schedule.bn_frozen
+
+
+def test_qat_and_ptq_are_exclusive(tmp_path):
+    path = tmp_path / 'r.yaml'
+    path.write_text('name: t\nmodel: {name: test_resnet_cifar}\nstages: [{kind: qat_int8}, {kind: ptq_int8}]\n')
+    with pytest.raises(RecipeError, match='ptq_int8 comes after qat_int8'):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match='feature KD is not supported'):
+        QatInt8Stage(feature_weight=1.0)
