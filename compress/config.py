@@ -20,7 +20,7 @@ import yaml
 
 __all__ = [
     'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
-    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'QatInt8Stage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'QatInt8Stage', 'Weight4BitStage', 'ExportStage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
 ]
 
 
@@ -235,9 +235,51 @@ class QatInt8Stage(DistillStage):
         _require(self.feature_weight == 0, 'feature_weight', 'feature KD is not supported during QAT; use alpha')
 
 
+W4_BACKENDS = ('nncf_openvino', 'torchao')
+
+
+@dataclass
+class Weight4BitStage:
+    """4-bit weights that shrink the artifact: NNCF ``compress_weights`` → OpenVINO, and torchao's CPU int4
+    weight-only config for Linear layers (activations stay float; a storage win, not a speed win on CPU)."""
+    kind: str = 'weight_4bit'
+    backend: list[str] = field(default_factory=lambda: ['nncf_openvino'])
+    mode: str = field(default='int4_sym', metadata={'help': 'int4_sym or int4_asym'})
+    group_size: int = field(default=128, metadata={'help': 'weights per quantization group; -1: per channel'})
+    ratio: float = field(default=1.0, metadata={'help': 'fraction of eligible weights in 4 bit (rest int8)'})
+    all_layers: bool = field(default=False, metadata={'help': 'also the first and last layers'})
+
+    def __post_init__(self):
+        if isinstance(self.backend, str):
+            self.backend = [self.backend]
+        for backend in self.backend:
+            _require(backend in W4_BACKENDS, 'backend', f'{backend!r} is not one of {", ".join(W4_BACKENDS)}')
+        _require(self.mode in ('int4_sym', 'int4_asym'), 'mode', 'must be int4_sym or int4_asym')
+        _require(self.group_size == -1 or self.group_size > 0, 'group_size', 'must be positive or -1')
+        _require(0 < self.ratio <= 1, 'ratio', 'must be in (0, 1]')
+
+
+EXPORT_FORMATS = ('onnx', 'openvino')
+
+
+@dataclass
+class ExportStage:
+    """Write the final model as ONNX and/or OpenVINO IR and evaluate it again from the written file."""
+    kind: str = 'export'
+    formats: list[str] = field(default_factory=lambda: ['onnx', 'openvino'])
+    dir: str | None = field(default=None, metadata={'help': 'default: next to the run record'})
+
+    def __post_init__(self):
+        if isinstance(self.formats, str):
+            self.formats = [self.formats]
+        for fmt in self.formats:
+            _require(fmt in EXPORT_FORMATS, 'formats', f'{fmt!r} is not one of {", ".join(EXPORT_FORMATS)}')
+
+
 STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'distill': DistillStage,
-                                  'ptq_int8': PtqInt8Stage, 'qat_int8': QatInt8Stage}
-QUANTIZE_KINDS = {'ptq_int8', 'qat_int8'}
+                                  'ptq_int8': PtqInt8Stage, 'qat_int8': QatInt8Stage,
+                                  'weight_4bit': Weight4BitStage, 'export': ExportStage}
+QUANTIZE_KINDS = {'ptq_int8', 'qat_int8', 'weight_4bit'}
 TRAINING_KINDS = {'train', 'distill', 'qat_int8'}
 
 
@@ -286,9 +328,11 @@ class RecipeConfig:
         _require(bool(self.name) and '/' not in self.name, 'name', 'must be a non-empty name without "/"')
         quantized_at = None
         for i, stage in enumerate(self.stages):
-            if quantized_at is not None:
+            if i > 0 and self.stages[i - 1].kind == 'export':
+                raise RecipeError(f'stages[{i}]: {stage.kind} comes after export; export must be the last stage')
+            if quantized_at is not None and stage.kind != 'export':
                 raise RecipeError(f'stages[{i}]: {stage.kind} comes after {self.stages[quantized_at].kind} at '
-                                  f'stages[{quantized_at}]; a quantized model is final: move it to the end')
+                                  f'stages[{quantized_at}]; a quantized model is final: only export may follow')
             if stage.kind in QUANTIZE_KINDS:
                 quantized_at = i
 

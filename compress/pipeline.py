@@ -61,8 +61,11 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     entries = [_stage_entry(baseline, baseline_metrics, before=None)]
     # accuracy deltas compare a stage with the model it started from; speedups compare with the baseline
     before_name, before_metrics = 'baseline', baseline_metrics
+    ctx.previous = [baseline]
+    ctx.output_dir = str(Path(cfg.output.dir) / cfg.name)
     for stage_cfg in cfg.stages:
         results = STAGES[stage_cfg.kind](stage_cfg, model, ctx)
+        ctx.previous = results
         for result in results:
             metrics = evaluate_stage(result, ctx, before=before_metrics, baseline=baseline_metrics)
             _report(accelerator, result, metrics)

@@ -786,7 +786,7 @@ def pruning_spec(model: nn.Module):
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     spec = PruningSpec(
         ignored_layers=[sam.mhmc for sam in sams],
-        num_heads={layer: attn.num_heads for attn in attns for layer in (attn.q, attn.kv)},
+        num_heads={layer: attn.num_heads for attn in attns for layer in (attn.q, attn.local_conv)},
         customized_pruners={MultiHeadMixedConv: _mhmc_pruner()},
         after_prune=[_prune_sam_groups, _fix_attention_heads, _fix_widths],
     )

@@ -25,6 +25,8 @@ class StageContext:
     seed: int = 0
     initial_model: nn.Module | None = None   # the model before the first stage (the default KD teacher)
     data_config: dict | None = None          # the resolved preprocessing (mean, std, input size)
+    previous: list = field(default_factory=list)  # the previous stage's results (export ships their runner)
+    output_dir: str | None = None            # where the run writes its record (exports go next to it)
 
 
 @dataclass
