@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from compress.checkpoint import RunProgress, restore_metrics
 from compress.config import QUANTIZE_KINDS, TRAINING_KINDS, RecipeConfig
 from compress.data import attach_transforms, build_datasets, resolve_data_config
 from compress.deploy import TorchRunner
@@ -51,19 +52,35 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     accelerator.print(f'{cfg.name}: {cfg.model.name} on {data.name} ({len(data.eval)} eval images), '
                       f'input {input_size}; {"; ".join(model_notes)}')
 
-    baseline = StageResult(
-        name='baseline', kind='baseline',
-        runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32', fixed_batch=cfg.eval.batch_size),
-        float_model=model, next_model=model, notes=model_notes,
-    )
-    baseline_metrics = evaluate_stage(baseline, ctx)
-    _report(accelerator, baseline, baseline_metrics)
-    entries = [_stage_entry(baseline, baseline_metrics, before=None)]
-    # accuracy deltas compare a stage with the model it started from; speedups compare with the baseline
-    before_name, before_metrics = 'baseline', baseline_metrics
-    ctx.previous = [baseline]
+    progress = RunProgress(cfg.output.dir, cfg.to_dict(), enabled=accelerator.is_main_process)
+    state = progress.load()
+    num_images = len(data.eval)
+    if state is None:
+        baseline = StageResult(
+            name='baseline', kind='baseline',
+            runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32', fixed_batch=cfg.eval.batch_size),
+            float_model=model, next_model=model, notes=model_notes,
+        )
+        baseline_metrics = evaluate_stage(baseline, ctx)
+        _report(accelerator, baseline, baseline_metrics)
+        entries = [_stage_entry(baseline, baseline_metrics, before=None)]
+        # accuracy deltas compare a stage with the model it started from; speedups compare with the baseline
+        before_name, before_metrics, first_stage = 'baseline', baseline_metrics, 0
+        ctx.previous = [baseline]
+    else:
+        entries, first_stage, before_name = state['entries'], state['completed'], state['before']
+        model = progress.restore_model(state)
+        baseline_metrics = restore_metrics(entries[0], num_images)
+        before_metrics = restore_metrics(next(e for e in entries if e['name'] == before_name), num_images)
+        ctx.previous = [StageResult(name=before_name, kind='restored', float_model=model, next_model=model,
+                                    runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32',
+                                                       fixed_batch=cfg.eval.batch_size))]
+        accelerator.print(f'resuming after stage {first_stage} ({before_name}) from {progress.dir}')
     ctx.output_dir = str(Path(cfg.output.dir) / cfg.name)
-    for stage_cfg in cfg.stages:
+    for index, stage_cfg in enumerate(cfg.stages):
+        if index < first_stage:
+            continue
+        torch.manual_seed(cfg.seed + 1 + index)  # a resumed run draws the same numbers as an uninterrupted one
         results = STAGES[stage_cfg.kind](stage_cfg, model, ctx)
         ctx.previous = results
         for result in results:
@@ -75,8 +92,9 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         if results[0].next_model is not None:
             model = results[0].next_model
             before_name, before_metrics = first_name, first_metrics
+            progress.save(entries, index + 1, before_name, model)
 
-    return {
+    record = {
         'schema': 1,
         'recipe': {'name': cfg.name, 'path': str(recipe_path) if recipe_path else None,
                    'description': cfg.description},
@@ -93,8 +111,21 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         'git_hash': git_hash(),
         'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
         'stages': entries,
+        'resumed_after_stage': state['completed'] if state else None,
         'wall_seconds': round(time.perf_counter() - started, 1),
     }
+    if cfg.output.save_model:
+        record['final_model'] = _save_final_model(model, cfg)
+    progress.clear()
+    return record
+
+
+def _save_final_model(model, cfg: RecipeConfig) -> str:
+    folder = Path(cfg.output.dir) / cfg.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f'{cfg.name}-final-{dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")}.pt'
+    torch.save(model, path)  # a whole module: pruned architectures cannot be rebuilt from a state dict
+    return str(path)
 
 
 def _needs_initial_teacher(cfg: RecipeConfig) -> bool:

@@ -1,0 +1,76 @@
+"""Checkpoints after each stage, so an interrupted run resumes after its last finished stage.
+
+After every stage that leaves a float model (train, prune, distill), the model is saved as a whole module (a
+pruned model is a new architecture: a fresh model cannot take its state dict) together with the record entries
+so far. Re-running the same recipe (same model, data, stages and seed; eval and output settings may differ)
+finds that progress and continues from there. Quantized results are not saved: the quantization stage is
+final, deterministic and re-run. The folder is removed when the run completes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eval.stats import unpack_bits
+
+__all__ = ['RunProgress', 'restore_metrics']
+
+
+def restore_metrics(entry: dict, num_images: int) -> dict:
+    """A stage's metrics as the pipeline holds them in memory (per-image results unpacked)."""
+    metrics = dict(entry['metrics'])
+    if 'correct1_bits' in metrics:
+        metrics['_correct1'] = unpack_bits(metrics['correct1_bits'], num_images)
+    return metrics
+
+
+class RunProgress:
+    """The progress folder of one recipe: ``<output dir>/<name>/.progress-<hash of what determines results>``."""
+
+    def __init__(self, output_dir: str | os.PathLike, config: dict, enabled: bool = True):
+        identity = json.dumps({k: config[k] for k in ('model', 'data', 'stages', 'seed')}, sort_keys=True, default=str)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        self.dir = Path(output_dir) / config['name'] / f'.progress-{digest}'
+        self.enabled = enabled
+
+    def load(self) -> dict | None:
+        """The saved progress (``entries``, ``completed`` stages, ``before`` stage name), or None."""
+        path = self.dir / 'progress.json'
+        if not self.enabled or not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        return state if (self.dir / state['model_file']).is_file() else None
+
+    def restore_model(self, state: dict) -> nn.Module:
+        # our own file, written by save() below: a whole pickled module
+        return torch.load(self.dir / state['model_file'], map_location='cpu', weights_only=False).eval()
+
+    def save(self, entries: list[dict], completed: int, before: str, model: nn.Module) -> None:
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model_file = f'after-stage-{completed}.pt'
+        _atomic(self.dir / model_file, lambda handle: torch.save(model, handle), binary=True)
+        state = {'entries': entries, 'completed': completed, 'before': before, 'model_file': model_file}
+        _atomic(self.dir / 'progress.json', lambda handle: handle.write(json.dumps(state, default=str)))
+        for old in self.dir.glob('after-stage-*.pt'):
+            if old.name != model_file:
+                old.unlink()
+
+    def clear(self) -> None:
+        if self.enabled and self.dir.exists():
+            shutil.rmtree(self.dir)
+
+
+def _atomic(path: Path, write, binary: bool = False) -> None:
+    with tempfile.NamedTemporaryFile('wb' if binary else 'w', dir=path.parent, delete=False) as handle:
+        write(handle)
+        temporary = Path(handle.name)
+    os.replace(temporary, path)
