@@ -89,9 +89,10 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
             entries.append(_stage_entry(result, metrics, before=before_name))
             if result is results[0]:
                 first_name, first_metrics = result.name, metrics
+        # the next stage starts from this stage's (first) result, quantized or not
+        before_name, before_metrics = first_name, first_metrics
         if results[0].next_model is not None:
             model = results[0].next_model
-            before_name, before_metrics = first_name, first_metrics
             progress.save(entries, index + 1, before_name, model)
 
     record = {
@@ -144,5 +145,5 @@ def _report(accelerator, result: StageResult, metrics: dict) -> None:
     for key in ('cpu_img_s_bs1', 'cpu_img_s_bs32'):
         if key in metrics:
             parts.append(f'{key} {metrics[key]:.1f}')
-    parts.append(f'int8 weights {metrics["quantized_weight_fraction"]:.0%}')
+    parts.append(f'{metrics["precision"]}, quantized weights {metrics["quantized_weight_fraction"]:.0%}')
     accelerator.print('  '.join(parts))

@@ -8,6 +8,7 @@ MACs: `count_macs` counts what runs ("executed"): the fused MHMC 9x9 depthwise c
 included. The official "tap-exact" numbers (per-head 3/5/7/9 kernels) are executed minus the zero taps, derived
 analytically from `MultiHeadMixedConv.num_padded_taps`.
 """
+import math
 import re
 
 import pytest
@@ -95,7 +96,7 @@ def test_registry():
     for name in names:
         assert timm.models.model_entrypoint(name).__module__ == 'compress.models.smt'
     cfg = timm.models.get_pretrained_cfg('smt_l')
-    assert cfg.input_size == (3, 384, 384) and cfg.hf_hub_id is None and cfg.url == ''
+    assert cfg.input_size == (3, 384, 384) and cfg.hf_hub_id is None and cfg.url.startswith('https://github.com/AFeng-x/SMT/releases/')
     assert cfg.paper_ids == 'arXiv:2307.08579' and cfg.license == 'mit'
 
 
@@ -576,3 +577,267 @@ def test_fuse_gives_a_plain_conv_that_pt2e_quantizes():
     assert not any(type(m).__name__ == 'MultiHeadMixedConv' for m in fused.modules())
     _, coverage = quantize_x86_pt2e(fused, [x])
     assert coverage['quantized_weight_fraction'] == 1.0
+
+
+# --- structured pruning through compress.stages.prune (Torch-Pruning + smt.pruning_spec) ---------------------------
+
+def _prune(model, ratio, heads='dims', res=64, **cfg):
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    torch.manual_seed(0)
+    return prune_model(model, PruneStage(ratio=ratio, heads=heads, **cfg), ratio, torch.randn(2, 3, res, res))
+
+
+def _mixers(model, kind):
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def _check_structure(model):
+    """Every width the forward relies on agrees with its neighbours; returns {Attention: (num_heads, head_dim)}."""
+    heads = {}
+    for sam in _mixers(model, ScaleAwareModulation):
+        h = sam.mhmc.num_heads
+        per_head = {tuple(conv.weight.shape[:2]) for conv in sam.mhmc.head_convs()}
+        assert len(per_head) == 1  # every MHMC head equally wide
+        width = per_head.pop()[0]
+        assert sam.mhmc.fused_weight_bias()[0].shape[0] == sam.s.out_features == width * h
+        assert sam.proj0.in_channels == sam.s.out_features and sam.proj0.groups == width  # one group per channel c
+        assert sam.proj0.weight.shape[:2] == (sam.proj0.out_channels, h)
+        assert sam.proj0.out_channels % sam.proj0.groups == 0
+        assert sam.bn.num_features == sam.proj1.in_channels == sam.proj0.out_channels
+        assert sam.v.out_features == sam.proj1.out_channels == sam.proj.in_features
+    for attn in _mixers(model, compress.models.smt.Attention):
+        width = attn.q.out_features
+        assert width % attn.num_heads == 0
+        assert attn.kv.out_features == 2 * width
+        assert attn.local_conv.in_channels == attn.local_conv.out_channels == attn.local_conv.groups == width
+        assert attn.proj.in_features == width
+        assert not hasattr(attn.local_conv, 'out_features')  # the pruning-time hint is gone
+        heads[attn] = (attn.num_heads, width // attn.num_heads)
+    for blk in model.modules():
+        if isinstance(blk, compress.models.smt.DetailMlp):
+            assert blk.fc1.out_features == blk.dwconv.out_channels == blk.dwconv.groups == blk.fc2.in_features
+    return heads
+
+
+def test_pruning_spec():
+    from compress.stages.prune import pruning_spec
+    model = timm.create_model('test_smt').eval()
+    spec = pruning_spec(model)
+    assert set(spec.ignored_layers) == {model.head} | {m.mhmc for m in _mixers(model, ScaleAwareModulation)}
+    attns = _mixers(model, compress.models.smt.Attention)
+    assert spec.num_heads == {layer: a.num_heads for a in attns for layer in (a.q, a.local_conv)}
+    assert list(spec.customized_pruners) == [MultiHeadMixedConv]
+    assert any(note.startswith('SAM:') for note in spec.notes) and any('MSA' in n for n in spec.notes)
+    assert spec.unwrapped_parameters == {}  # no layer scale here; with it tp finds the gammas itself
+
+
+def test_mhmc_pruner_removes_whole_groups():
+    # the customized pruner slices the per-head kernels; fused channel c * 4 + i is channel c of head i
+    pruner = compress.models.smt.pruning_spec(timm.create_model('test_smt')).customized_pruners[MultiHeadMixedConv]
+    conv = _randomize(MultiHeadMixedConv(16, num_heads=4)).eval()
+    reference, _ = conv.fused_weight_bias()
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        expected = conv(x)[:, [c for c in range(16) if c // 4 != 2]]
+        with pytest.raises(ValueError, match='whole groups'):
+            pruner.prune_out_channels(conv, [8, 9])  # half of group 2
+        assert pruner.get_out_channels(conv) == 16
+        pruner.prune_in_channels(conv, [8, 9, 10, 11])  # group 2 = channel 2 of every head
+        assert pruner.get_in_channels(conv) == 12
+        assert all(c.weight.shape[0] == c.bias.shape[0] == 3 for c in conv.head_convs())
+        assert torch.equal(conv.fused_weight_bias()[0], reference[[c for c in range(16) if c // 4 != 2]])
+        torch.testing.assert_close(conv(x[:, [c for c in range(16) if c // 4 != 2]]), expected)
+
+
+@pytest.mark.parametrize('heads', ['dims', 'heads'])
+@pytest.mark.parametrize('ratio', [0.3, 0.5])
+def test_prune_test_smt(ratio, heads):
+    from timm.utils.model import reparameterize_model
+
+    from compress.stages.ptq_int8 import quantize_x86_pt2e
+    model = timm.create_model('test_smt').eval()
+    before = _check_structure(model)
+    params, macs = count_params(model), count_macs(model, (3, 160, 160))
+    pruned, spec = _prune(model, ratio, heads, res=160)
+    assert count_params(model) == params and not hasattr(model.stages[3].blocks[0].attn.local_conv, 'out_features')
+
+    after = _check_structure(pruned)
+    assert count_params(pruned) < params and count_macs(pruned, (3, 160, 160)) < macs
+    for new, old in zip(_mixers(pruned, ScaleAwareModulation), _mixers(model, ScaleAwareModulation)):
+        assert new.mhmc.num_heads == old.mhmc.num_heads  # all four kernel scales stay
+        assert new.proj0.groups < old.proj0.groups  # whole proj0 groups (channel c of every head) went
+    for (nh, hd), (old_nh, old_hd) in zip(after.values(), before.values()):
+        if heads == 'dims':  # head count kept, every head loses the same number of dims
+            assert nh == old_nh and hd < old_hd
+        else:  # whole heads removed, head_dim kept
+            assert nh == old_nh - math.ceil(ratio * old_nh) and hd == old_hd
+    assert pruned.head.out_features == 1000 and pruned.head.in_features == pruned.num_features
+    assert [i['num_chs'] for i in pruned.feature_info] == [s.norm.normalized_shape[0] for s in pruned.stages]
+
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        out = pruned(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        exported = torch.export.export(pruned, (x,))
+        torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)
+    _, coverage = quantize_x86_pt2e(reparameterize_model(pruned), [x])
+    assert coverage['quantized_weight_fraction'] > 0.9
+
+
+def _zero_pruned_channels(model, ratio, heads):
+    """Zero every parameter of a random set of channels, as many per structure as the pruner removes at `ratio`.
+
+    The zeroed channels have zero importance, so a magnitude pruner removes exactly them, and they contribute nothing
+    to the output (a zero row feeds zero through the zeroed BN / conv / activation, and the consumer's columns are zero
+    too), so removing them must leave the output unchanged. Returns the widths the pruned model must have.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(size, count):
+        return torch.randperm(size, generator=gen)[:count]
+
+    def count(size):  # Torch-Pruning's count at round_to=None
+        return size - int(size * (1 - ratio))
+
+    expected = {}
+    with torch.no_grad():
+        stem = model.stem
+        idx = pick(stem.conv1.out_channels, count(stem.conv1.out_channels))
+        for t in (stem.conv1.weight, stem.bn.weight, stem.bn.bias):
+            t[idx] = 0
+        stem.conv2.weight[:, idx] = 0
+        expected['stem.conv1'] = stem.conv1.out_channels - len(idx)
+        for name, blk in model.named_modules():
+            if not isinstance(blk, compress.models.smt.Block):
+                continue
+            mlp = blk.mlp
+            idx = pick(mlp.fc1.out_features, count(mlp.fc1.out_features))
+            for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias):
+                t[idx] = 0
+            mlp.fc2.weight[:, idx] = 0
+            expected[f'{name}.mlp.fc1'] = mlp.fc1.out_features - len(idx)
+            attn = blk.attn
+            if isinstance(attn, ScaleAwareModulation):
+                dim, h = attn.s.out_features, attn.mhmc.num_heads
+                groups, per_group = dim // h, attn.proj0.out_channels // (dim // h)
+                # v -> (modulator * v) -> proj
+                idx = pick(dim, count(dim))
+                for t in (attn.v.weight, attn.v.bias, attn.proj1.weight, attn.proj1.bias):
+                    t[idx] = 0
+                attn.proj.weight[:, idx] = 0
+                expected[f'{name}.attn.v'] = dim - len(idx)
+                # W_intra's expansion: the same output position in every proj0 group (tp's grouped-conv pattern)
+                pos = pick(per_group, count(per_group))
+                rows = (torch.arange(groups)[:, None] * per_group + pos).flatten()
+                # whole proj0 groups: channel c of every MHMC head, with the group's W_intra rows
+                drop = pick(groups, groups - int(groups * (1 - ratio)))
+                rows = torch.cat([rows, (drop[:, None] * per_group + torch.arange(per_group)).flatten()])
+                for t in (attn.proj0.weight, attn.proj0.bias, attn.bn.weight, attn.bn.bias):
+                    t[rows] = 0
+                attn.proj1.weight[:, rows] = 0
+                chans = (drop[:, None] * h + torch.arange(h)).flatten()
+                attn.s.weight[chans] = 0
+                attn.s.bias[chans] = 0
+                for conv in attn.mhmc.head_convs():
+                    conv.weight[drop] = 0
+                    conv.bias[drop] = 0
+                expected[f'{name}.attn.s'] = dim - len(chans)
+                expected[f'{name}.attn.proj0'] = (groups - len(drop)) * (per_group - len(pos))
+            elif heads != 'none':
+                dim, nh = attn.q.out_features, attn.num_heads
+                hd = dim // nh
+                if heads == 'heads':  # whole heads
+                    drop = pick(nh, math.ceil(ratio * nh))
+                    chans = (drop[:, None] * hd + torch.arange(hd)).flatten()
+                else:  # the same dims of every head; q = 0 makes softmax uniform, so 1 / sqrt(head_dim) is moot
+                    chans = (torch.arange(nh)[:, None] * hd + pick(hd, count(hd))).flatten()
+                    attn.q.weight.zero_()
+                    attn.q.bias.zero_()
+                for t in (attn.q.weight, attn.q.bias, attn.local_conv.weight, attn.local_conv.bias):
+                    t[chans] = 0
+                for t in (attn.kv.weight, attn.kv.bias):
+                    t[chans] = 0
+                    t[chans + dim] = 0
+                attn.proj.weight[:, chans] = 0
+                expected[f'{name}.attn.q'] = dim - len(chans)
+    return expected
+
+
+def _stream_writers(model):
+    # layers writing the residual stream: a stream channel also feeds LayerNorm statistics, so removing it (even
+    # zeroed) changes the function; the function test keeps the stream and prunes everything inside the blocks
+    return ['stem.conv2'] + [name for name, m in model.named_modules()
+                             if re.search(r'(downsample\.proj|attn\.proj|mlp\.fc2)$', name)]
+
+
+@pytest.mark.parametrize('heads', ['dims', 'heads', 'none'])
+@pytest.mark.parametrize('ratio', [0.3, 0.5])
+def test_prune_removes_exactly_the_zeroed_channels(ratio, heads):
+    # removing head dims changes softmax's 1 / sqrt(head_dim), so in 'dims' mode q is zeroed (uniform attention):
+    # that still checks k, v, the V conv and proj lose the same dims of every head
+    model = _randomize(timm.create_model('test_smt')).eval()
+    expected = _zero_pruned_channels(model, ratio, heads)
+    pruned, _ = _prune(model, ratio, heads, round_to=None, ignore=_stream_writers(model))
+    _check_structure(pruned)
+    modules = dict(pruned.named_modules())
+    widths = {name: getattr(modules[name], 'out_features', None) or modules[name].out_channels for name in expected}
+    assert widths == expected
+    assert count_params(pruned) < count_params(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_prune_with_layer_scale():
+    model = timm.create_model('test_smt', layer_scale_init_value=1e-4).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('gamma'):
+                p.normal_(1e-4, 1e-5)
+    pruned, spec = _prune(model, 0.5)
+    assert any('layer scale' in note for note in spec.notes)
+    _check_structure(pruned)
+    for blk in pruned.modules():
+        if isinstance(blk, compress.models.smt.Block):
+            assert blk.ls1.gamma.shape == blk.ls2.gamma.shape == blk.norm1.weight.shape
+    assert count_params(pruned) < count_params(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert pruned(x).shape == (1, 1000)
+        torch.testing.assert_close(torch.export.export(pruned, (x,)).module()(x), pruned(x))
+
+
+def test_prune_ignore_keeps_a_stage():
+    model = timm.create_model('test_smt').eval()
+    pruned, _ = _prune(model, 0.5, ignore=['stages.0'])
+    old, new = model.stages[0].blocks[0].attn, pruned.stages[0].blocks[0].attn
+    assert new.s.out_features == old.s.out_features and new.proj0.groups == old.proj0.groups
+    assert new.mhmc.local_conv_1.weight.shape == old.mhmc.local_conv_1.weight.shape
+    assert pruned.stages[1].blocks[0].attn.proj0.groups < model.stages[1].blocks[0].attn.proj0.groups
+
+
+def test_prune_global_taylor():
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    torch.manual_seed(0)
+    model = timm.create_model('test_smt', num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    cfg = PruneStage(ratio=0.5, importance='taylor', global_pruning=True)
+    pruned, _ = prune_model(model, cfg, 0.5, x[:2], grad_batches=[(x, torch.arange(4))])
+    _check_structure(pruned)
+    assert count_params(pruned) < count_params(model)
+    assert all(p.grad is None for p in pruned.parameters())
+    with torch.no_grad():
+        assert pruned(x).shape == (4, 10)
+
+
+def test_prune_smt_t():
+    model = timm.create_model('smt_t').eval()
+    params, macs = count_params(model), count_macs(model)
+    pruned, _ = _prune(model, 0.5, res=224)
+    _check_structure(pruned)
+    assert count_params(pruned) < 0.5 * params and count_macs(pruned) < 0.5 * macs
+    with torch.no_grad():
+        out = pruned(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()

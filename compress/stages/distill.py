@@ -62,8 +62,8 @@ class DistillationObjective:
             feature_loss = sum(F.mse_loss(projection(s), t) / t.pow(2).mean().clamp_min(1e-6)
                                for projection, s, t in zip(self.projections, features, teacher_features))
             loss = loss + self.cfg.feature_weight * feature_loss
-            self.last['feature_loss'] = float(feature_loss)
-        self.last.update(task_loss=float(task), kd_loss=float(kd))
+            self.last['feature_loss'] = float(feature_loss.detach())
+        self.last.update(task_loss=float(task.detach()), kd_loss=float(kd.detach()))
         return loss, logits
 
 

@@ -117,7 +117,9 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
         global_pruning=cfg.global_pruning, round_to=cfg.round_to, ignored_layers=spec.ignored_layers,
         num_heads=spec.num_heads, prune_num_heads=cfg.heads == 'heads', prune_head_dims=cfg.heads == 'dims',
         head_pruning_ratio=ratio if cfg.heads == 'heads' else 0.0,
-        unwrapped_parameters=spec.unwrapped_parameters or None, customized_pruners=spec.customized_pruners or None,
+        # Torch-Pruning 1.6 takes (parameter, pruned dim) pairs
+        unwrapped_parameters=list(spec.unwrapped_parameters.items()) or None,
+        customized_pruners=spec.customized_pruners or None,
         in_channel_groups=spec.in_channel_groups, out_channel_groups=spec.out_channel_groups,
     )
     if cfg.importance == 'taylor':
