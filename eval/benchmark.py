@@ -37,16 +37,27 @@ REFERENCE = {
 
 
 def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size: int | None = None,
-                    backends=('x86_pt2e', 'openvino'), repeats: int = 3, min_seconds: float = 1.0) -> dict:
-    """Params, MACs and img/s of every deployed form of one model; see the module docstring."""
+                    backends=('x86_pt2e', 'openvino'), repeats: int = 3, min_seconds: float = 1.0,
+                    prune_ratio: float | None = None) -> dict:
+    """Params, MACs and img/s of every deployed form of one model; see the module docstring.
+
+    With ``prune_ratio`` the model is first pruned (group-norm importance, that channel ratio, the model's own
+    pruning rules) and every form is measured on the pruned model.
+    """
     from timm.utils.model import reparameterize_model
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     size = input_size or (REFERENCE.get(name, (None,))[0] or model.pretrained_cfg['input_size'][-1])
     shape = (3, size, size)
-    row = {'model': name, 'input': size, 'params_m': round(count_params(model) / 1e6, 3),
-           'gmacs': round(count_macs(model, shape) / 1e9, 3)}
-    if name in REFERENCE:
+    row = {'model': name, 'input': size}
+    if prune_ratio:
+        from compress.config import PruneStage
+        from compress.stages.prune import prune_model
+        dense_macs = count_macs(model, shape)
+        model, _ = prune_model(model, PruneStage(ratio=prune_ratio), prune_ratio, torch.randn(2, *shape))
+        row.update(pruned=prune_ratio, macs_kept=round(count_macs(model, shape) / dense_macs, 3))
+    row.update(params_m=round(count_params(model) / 1e6, 3), gmacs=round(count_macs(model, shape) / 1e9, 3))
+    if name in REFERENCE and not prune_ratio:
         _, row['paper_params_m'], row['paper_gmacs'], row['notes_params_m'], row['notes_gmacs'] = REFERENCE[name]
     deploy = reparameterize_model(model)
     calib = [torch.randn(8, *shape) for _ in range(4)]
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--input-size', type=int)
     parser.add_argument('--backends', nargs='+', default=['x86_pt2e', 'openvino'])
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--prune', type=float, nargs='*', default=[],
+                        help='also measure the model pruned at these channel ratios (e.g. 0.3 0.5)')
     parser.add_argument('--json', help='also write the rows to this file')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
@@ -91,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name in args.models:
-        rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats))
-        print(json.dumps(rows[-1]), flush=True)
-    columns = ['model', 'input', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
+        for ratio in [None, *args.prune]:
+            rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats,
+                                        prune_ratio=ratio))
+            print(json.dumps(rows[-1]), flush=True)
+    columns = ['model', 'input', 'pruned', 'macs_kept', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
     for batch in args.batch:
         columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'pt2e_int8_speedup_bs{batch}',
                     f'ov_int8_speedup_bs{batch}', f'ov_int8_vs_ov_fp32_bs{batch}']

@@ -14,3 +14,10 @@ def test_benchmark_row_has_every_form_and_ratios():
 def test_unknown_model_is_one_line(capsys):
     assert main(['no_such_model']) == 2
     assert capsys.readouterr().err.strip() == "error: unknown model 'no_such_model'; see timm.list_models()"
+
+
+def test_benchmark_of_a_pruned_model():
+    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05,
+                          backends=('x86_pt2e',), prune_ratio=0.5)
+    # round_to=8 on 8-channel layers keeps them: only the wider inner channels go
+    assert row['pruned'] == 0.5 and row['macs_kept'] < 0.8 and row['pt2e_int8_weights'] == 1.0
