@@ -90,6 +90,9 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
             progress.update(1)
             if step % 20 == 0:
                 progress.set_postfix(loss=f'{running_loss / seen:.3f}', acc=f'{100 * running_correct / seen:.1f}')
+            if progress.disable and step % max(1, total_steps // 10) == 0:  # logs without a terminal: every 10 %
+                accelerator.print(f'  {desc} step {step}/{total_steps}: loss {running_loss / seen:.3f}, '
+                                  f'train top-1 {100 * running_correct / seen:.1f}', flush=True)
             if step >= total_steps:
                 break
     progress.close()
