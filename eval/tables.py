@@ -110,7 +110,8 @@ def _heading(record: dict) -> str:
     data = record['data']
     subset = ' (subset: not for publication)' if data.get('subset') else ''
     cpu = record['env']['cpu']
-    return (f'{record["recipe"]["name"]}: {record["model"]["name"]} on {data["name"]} {data["split"]} '
+    split = '' if data['split'] == data['name'] else f' {data["split"]}'
+    return (f'{record["recipe"]["name"]}: {record["model"]["name"]} on {data["name"]}{split} '
             f'({data["num_images"]} images){subset}; {cpu["model"]}, {record["env"].get("eval_threads", "?")} '
             f'thread(s); git {record.get("git_hash")}; {record.get("date", "")[:10]}')
 
