@@ -22,3 +22,22 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def synthetic_calibration(count: int, batch: int = 32) -> list[torch.Tensor]:
+    """Batches of embedded synthetic images: realistic activation ranges for observers, no files needed."""
+    from torchvision.transforms.functional import to_tensor
+
+    from compress.data import SyntheticShapes
+    data = SyntheticShapes('calib', count)
+    images = torch.stack([to_tensor(data[i][0]) for i in range(count)])
+    return [images[i:i + batch] for i in range(0, count, batch)]
+
+
+@pytest.fixture(scope='module')
+def tiny_cnn_and_calib():
+    import timm
+
+    import compress.models  # noqa: F401
+    torch.manual_seed(0)
+    return timm.create_model('test_resnet_cifar').eval(), synthetic_calibration(96)

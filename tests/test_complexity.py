@@ -1,6 +1,5 @@
 """The MAC counter: hand-computable nets, attention matmuls included, fvcore's norm rules on request."""
 import timm
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -51,15 +51,9 @@ def outputs(fn, batches):
 
 
 @pytest.fixture(scope='module')
-def cnn():
-    torch.manual_seed(0)
-    model = timm.create_model('test_resnet_cifar').eval()
-    from torchvision.transforms.functional import to_tensor
-
-    from compress.data import SyntheticShapes
-    data = SyntheticShapes('calib', 64)
-    images = torch.stack([to_tensor(data[i][0]) for i in range(64)])
-    return model, [images[i:i + 32] for i in range(0, 64, 32)]
+def cnn(tiny_cnn_and_calib):
+    model, calib = tiny_cnn_and_calib
+    return model, calib[:2]
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """int8 PTQ: both backends quantize every conv/linear of a CNN, keep the logits close, and report coverage."""
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -13,15 +12,8 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope='module')
-def model_and_data():
-    torch.manual_seed(0)
-    model = timm.create_model('test_resnet_cifar').eval()
-    # structured inputs give realistic activation ranges for the observers
-    from compress.data import SyntheticShapes
-    from torchvision.transforms.functional import to_tensor
-    data = SyntheticShapes('calib', 96)
-    images = torch.stack([to_tensor(data[i][0]) for i in range(96)])
-    return model, [images[i:i + 32] for i in range(0, 96, 32)]
+def model_and_data(tiny_cnn_and_calib):
+    return tiny_cnn_and_calib
 
 
 def test_x86_pt2e_quantizes_all_weights(model_and_data):

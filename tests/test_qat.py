@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 
 import compress.models  # noqa: F401
-from compress.config import DataConfig, EvalConfig, QatInt8Stage, RecipeConfig, RecipeError, load_recipe
+from compress.config import DataConfig, EvalConfig, QatInt8Stage, RecipeError, load_recipe
 from compress.data import DataBundle, SyntheticShapes, attach_transforms
 from compress.stages.base import StageContext
 from compress.stages.qat import _FreezeSchedule, apply_qat_int8, prepare_qat_x86

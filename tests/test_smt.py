@@ -50,15 +50,6 @@ MACS = {
 }
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # OpenMP fan-out over 2 shared cores stalls each op of these small graphs for milliseconds
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def _padded_macs(model, res):
     # zero taps the fused MHMC convs execute; each runs at its stage's resolution, res / (4 * 2 ** stage)
     return sum(

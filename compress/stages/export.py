@@ -296,12 +296,12 @@ def _reload_check(runner, reference, input_size) -> tuple[float, float]:
 
 def _weight_types(ov_model) -> dict[str, int]:
     """Weight elements of conv/matmul layers by the element type they are stored in (i8, u4, f32, ...)."""
-    from compress.stages.ptq_int8 import _weight_constant
+    from compress.stages.ptq_int8 import weight_constant
     counts: dict[str, int] = {}
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() not in ('Convolution', 'GroupConvolution', 'MatMul'):
             continue
-        constant = _weight_constant(op.input_value(1).get_node())
+        constant = weight_constant(op.input_value(1).get_node())
         if constant is None:
             continue
         count = 1

@@ -126,13 +126,13 @@ def openvino_fp32(model: nn.Module, example: torch.Tensor) -> OpenVINORunner:
     return OpenVINORunner(ov_model, label='fp32', precision='f32')
 
 
-def _weight_constant(node, depth: int = 0):
+def weight_constant(node, depth: int = 0):
     """Follow a weight input through Convert/Subtract/Multiply/Reshape/FakeQuantize back to its constant."""
     if node.get_type_name() == 'Constant':
         return node
-    if depth > 6 or node.get_input_size() == 0:
+    if depth > 8 or node.get_input_size() == 0:
         return None
-    return _weight_constant(node.input_value(0).get_node(), depth + 1)
+    return weight_constant(node.input_value(0).get_node(), depth + 1)
 
 
 def openvino_coverage(ov_model) -> dict:
@@ -141,7 +141,7 @@ def openvino_coverage(ov_model) -> dict:
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() not in ('Convolution', 'GroupConvolution', 'MatMul'):
             continue
-        constant = _weight_constant(op.input_value(1).get_node())
+        constant = weight_constant(op.input_value(1).get_node())
         if constant is None:  # activation x activation matmul (attention): no weight to quantize
             continue
         count = 1

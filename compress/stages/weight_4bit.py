@@ -60,7 +60,7 @@ from torch import nn
 from compress.config import Weight4BitStage
 from compress.deploy import OpenVINORunner, TorchRunner
 from compress.stages.base import StageContext, StageResult
-from compress.stages.ptq_int8 import _first_line
+from compress.stages.ptq_int8 import _first_line, weight_constant
 
 __all__ = ['apply_weight_4bit', 'compress_openvino', 'openvino_weight_coverage', 'quantize_torchao_int4',
            'execution_order']
@@ -102,15 +102,6 @@ def _fractions(elements: dict[str, int]) -> dict:
 
 # --------------------------------------------------------------------------------------------- NNCF → OpenVINO
 
-def _weight_constant(node, depth: int = 0):
-    """Follow a weight input through Convert/Subtract/Multiply/Reshape back to its stored constant."""
-    if node.get_type_name() == 'Constant':
-        return node
-    if depth > 8 or node.get_input_size() == 0:
-        return None
-    return _weight_constant(node.input_value(0).get_node(), depth + 1)
-
-
 def _ov_layer_name(op) -> str:
     name = op.get_friendly_name()
     match = re.match(r'__module\.([^/]+)/', name)
@@ -128,7 +119,7 @@ def openvino_weight_coverage(ov_model, torch_layers: list[tuple[str, nn.Module]]
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() not in _OV_WEIGHTED:
             continue
-        constant = _weight_constant(op.input_value(1).get_node())
+        constant = weight_constant(op.input_value(1).get_node())
         if constant is None:  # activation x activation matmul (attention): no weight
             continue
         shape = [int(d) for d in constant.get_output_shape(0)]
