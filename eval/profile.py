@@ -36,7 +36,7 @@ _OVERHEAD = ('## Call CompiledFxGraph', 'TorchDynamo', 'Torch-Compiled Region', 
 
 
 def _role(module: str) -> str:
-    return re.sub(r'(blocks|layers|stages)\.\d+', r'\1.*', module)
+    return re.sub(r'(blocks|layers)\.\d+', r'\1.*', module)
 
 
 def _compact(names: list[str]) -> str:
@@ -92,6 +92,20 @@ def _group_rows(items, total_ms: float, top: int) -> list[dict]:
     return rows
 
 
+def _summary(items: list, top: int) -> dict:
+    """Totals by kind, rows by op, time by module (with what follows it) and conv / linear time by layer."""
+    total = sum(ms for _op, _kind, ms, _m in items)
+    by_kind, by_module, by_layer = defaultdict(float), defaultdict(float), defaultdict(float)
+    for op, kind, ms, module in items:
+        by_kind[kind if kind in ('conv/linear', 'overhead') or op.startswith('cpp') else 'other'] += ms
+        by_module[module.replace('after ', '')] += ms
+        if kind == 'conv/linear':
+            by_layer[module] += ms
+    ranked = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
+    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
+            'by_module': ranked(by_module), 'by_layer': ranked(by_layer)}
+
+
 def _torch_profile(fn, images, signatures: dict, iters: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
     with torch.no_grad():
@@ -115,15 +129,7 @@ def _torch_profile(fn, images, signatures: dict, iters: int, top: int) -> dict:
         op = re.sub(r'^graph_\d+_', '', re.sub(r'_\d+$', '', name))
         kind = 'inductor kernel' if op.startswith('cpp_fused') else 'aten op'
         items.append((op, kind, ms, f'after {module}'))
-    total = sum(ms for *_, ms, _m in items)
-    by_kind = defaultdict(float)
-    for _op, kind, ms, _m in items:
-        by_kind[kind] += ms
-    by_module = defaultdict(float)
-    for *_, ms, m in items:
-        by_module[m.replace('after ', '')] += ms
-    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
-            'by_module': sorted(by_module.items(), key=lambda kv: -kv[1])[:top]}
+    return _summary(items, top)
 
 
 def _ov_compile(ov_model, perf: bool):
@@ -152,15 +158,7 @@ def _ov_profile(compiled, images, iters: int, top: int) -> dict:
             kind = 'conv/linear' if info.node_type in ('Convolution', 'GroupConvolution', 'FullyConnected',
                                                        'MatMul', 'Deconvolution') else info.node_type
             items.append((f'{info.node_type} [{info.exec_type}]', kind, ms, module))
-    total = sum(ms for *_, ms, _m in items)
-    by_kind = defaultdict(float)
-    for _op, kind, ms, _m in items:
-        by_kind['conv/linear' if kind == 'conv/linear' else 'other layers'] += ms
-    by_module = defaultdict(float)
-    for *_, ms, m in items:
-        by_module[m] += ms
-    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
-            'by_module': sorted(by_module.items(), key=lambda kv: -kv[1])[:top]}
+    return _summary(items, top)
 
 
 def _cpu_ms(fns: dict, images, rounds: int) -> dict:
@@ -186,11 +184,12 @@ def _compile(module: nn.Module):
 
 
 def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backend: str = 'both', top: int = 25,
-                  iters: int = 2, rounds: int = 3, calib_batches: int = 2, model: nn.Module | None = None,
-                  **model_kwargs) -> dict:
+                  iters: int = 2, rounds: int = 3, calib_batches: int = 2, reparameterize: bool = False,
+                  model: nn.Module | None = None, **model_kwargs) -> dict:
     """Profile fp32 (eager, compiled) and int8 of ``model_name``; returns totals and per-op rows per variant.
 
-    ``model`` overrides the timm build (e.g. a model prepared for deployment). Row times are ms per batch.
+    ``reparameterize`` profiles the deploy form (``timm.models.reparameterize_model``: every ``fuse()`` /
+    ``reparameterize()``) for all variants; ``model`` overrides the timm build. Row times are ms per batch.
     """
     from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
     import torch._inductor.config as inductor_config
@@ -199,10 +198,14 @@ def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backe
     inductor_config.cpp.enable_kernel_profile = True  # one profiler event per fused C++ kernel
     torch.manual_seed(0)
     model = (model or timm.create_model(model_name, **model_kwargs)).eval()
+    if reparameterize:
+        model = timm.models.reparameterize_model(model)
     images = torch.randn(batch, 3, input_size, input_size)
     calib = [torch.randn(max(2, min(batch, 8)), 3, input_size, input_size) for _ in range(calib_batches)]
     signatures = _layer_signatures(model, images)
-    variants, result = {'fp32 eager': model}, {'model': model_name, 'batch': batch, 'input_size': input_size}
+    variants = {'fp32 eager': model}
+    result = {'model': model_name + (' (reparameterized)' if reparameterize else ''), 'batch': batch,
+              'input_size': input_size}
     if backend in ('x86_pt2e', 'both'):
         variants['torch fp32 compiled'] = _compile(model)
         with torch.no_grad():
@@ -243,9 +246,11 @@ def print_profile(result: dict, top: int = 25) -> None:
         print(f"{'self ms':>9} {'%':>5} {'calls':>6}  {'op':<58} modules")
         for row in prof['rows'][:top]:
             print(f"{row['ms']:9.2f} {row['pct']:5.1f} {row['calls'] // 1:6d}  {row['op'][:58]:<58} {row['modules']}")
-        print('  by module (kernels attributed to the preceding conv/linear):')
-        for module, ms in prof['by_module'][:10]:
-            print(f"{ms:9.2f} {100 * ms / prof['total_ms']:5.1f}  {module}")
+        for title, key in (('by module (with the kernels that follow it)', 'by_module'),
+                           ('conv / linear layers only', 'by_layer')):
+            print(f'  {title}:')
+            for module, ms in prof[key][:12]:
+                print(f"{ms:9.2f} {100 * ms / prof['total_ms']:5.1f}  {module}")
     print('\n--- totals: CPU time per batch (median of interleaved rounds, no profiler)')
     for label, ms in result['cpu_ms'].items():
         print(f'{label:<22} {ms:9.1f} ms  {1000 * batch / ms:8.1f} img/s')
@@ -262,8 +267,11 @@ def main(argv=None) -> None:
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--iters', type=int, default=2, help='profiled iterations per variant')
     parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
+    parser.add_argument('--reparameterize', action='store_true',
+                        help='profile the deploy form (timm.models.reparameterize_model)')
     args = parser.parse_args(argv)
-    result = profile_model(args.model, args.input_size, args.batch, args.backend, args.top, args.iters, args.rounds)
+    result = profile_model(args.model, args.input_size, args.batch, args.backend, args.top, args.iters, args.rounds,
+                           reparameterize=args.reparameterize)
     print_profile(result, args.top)
 
 

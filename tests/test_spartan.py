@@ -236,3 +236,110 @@ def test_train_backward_grad_checkpointing():
     model.set_grad_checkpointing(True)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- deployment rewrites: each one computes the same function as the official formulation ---
+
+def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """Lift the 1e-5 layer scales / gammas and give the BNs real statistics, so every term matters in comparisons."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return module.eval()
+
+
+def test_group_norm1_layout_free_form():
+    from compress.models.spartan import GroupNorm1, group_norm1
+    torch.manual_seed(0)
+    norm = _perturbed(GroupNorm1(12).double())
+    x = torch.randn(3, 12, 5, 7, dtype=torch.float64) * 3 + 1
+    ref = F.group_norm(x, 1, norm.weight, norm.bias, norm.eps)
+    assert norm.eps == 1e-6 and torch.allclose(norm(x), ref, atol=1e-12)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        assert torch.allclose(group_norm1(x.contiguous(memory_format=layout), norm.weight, norm.bias, norm.eps), ref,
+                              atol=1e-12)
+    # the compiled path takes the reshape-free form
+    compiled = torch.compile(norm, backend='aot_eager', fullgraph=True)
+    assert torch.allclose(compiled(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize('depthwise,ratio', [(False, 4), (True, 2)])
+def test_cmixer_fuse_equivalence(depthwise, ratio):
+    """CMixer.fuse(): re / im halves, complex mix folded into the group-width-2 conv (or kept element-wise before
+    the depthwise halves), BN folded, split SE squeeze and proj_out: same outputs as the official complex form."""
+    from compress.models.spartan import CMixerDeploy
+    torch.manual_seed(0)
+    m = _perturbed(CMixer(16, ratio, depthwise=depthwise).double())
+    deploy = m.fuse()
+    assert isinstance(deploy, CMixerDeploy) and deploy.mix_in_conv == depthwise
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.5  # an all-equal pixel: argmax ties go to channel 0 in both forms
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), _official_cmixer(m, x), atol=1e-12)
+        assert torch.allclose(deploy(x), m(x), atol=1e-12)
+    grouped = [c for c in deploy.modules() if isinstance(c, torch.nn.Conv2d) and 1 < c.groups < c.out_channels]
+    assert not grouped, 'every 3x3 conv of the deploy form is depthwise'
+    # fp32 module: fp32 buffers, close to the double reference
+    m32 = CMixer(16, ratio, depthwise=depthwise).eval()
+    with torch.no_grad():
+        assert torch.allclose(m32.fuse()(x.float()), m32(x.float()), atol=1e-5)
+
+
+def test_reparameterize_model_deploy_form():
+    """timm's reparameterize_model swaps every CMixer for its deploy form: same logits, exportable, no complex
+    ops, no interleaving stack; the source model (official keys) is left untouched."""
+    from timm.models import reparameterize_model
+    from compress.models.spartan import CMixerDeploy
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model('test_spartan').double())
+    keys = set(model.state_dict())
+    deploy = reparameterize_model(model)
+    assert set(model.state_dict()) == keys
+    assert sum(isinstance(m, CMixerDeploy) for m in deploy.modules()) == 5
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        assert ref.abs().max() > 1e-2
+        assert torch.allclose(deploy(x), ref, atol=1e-10)
+    exported = torch.export.export(deploy.float(), (x.float(),))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
+    assert not any('complex' in op or 'stack' in op for op in ops)
+    assert torch.allclose(exported.module()(x.float()), deploy(x.float()), atol=1e-4)
+
+
+def test_deploy_form_quantizes():
+    """The deploy form goes through both int8 paths of the ptq stage with every conv in int8; NNCF's ignored scope
+    for the CMixer element-wise ops removes their FakeQuantize nodes and nothing else."""
+    from timm.models import reparameterize_model
+    from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+    from compress.models.spartan import nncf_ignored_scope
+    nncf = pytest.importorskip('nncf')
+    ov = pytest.importorskip('openvino')
+    torch.manual_seed(0)
+    deploy = reparameterize_model(_perturbed(timm.create_model('test_spartan')))
+    calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    graph, coverage = quantize_x86_pt2e(deploy, calib)
+    assert coverage['quantized_weight_fraction'] == 1.0
+    with torch.no_grad():
+        ref = deploy(calib[0])
+        assert (graph(calib[0]) - ref).norm() < 0.5 * ref.norm()
+
+    # NNCF may leave squeeze-excite convs (1x1 maps) in float, in the official structure as well; nothing else
+    _, coverage = quantize_openvino(deploy, calib, transformer=False)
+    assert coverage['quantized_weight_fraction'] > 0.95
+    assert all('attn.' in layer['layer'] for layer in coverage['not_quantized'])
+    ov_model = ov.convert_model(deploy, example_input=calib[0][:1])
+    scoped = nncf.quantize(ov_model, nncf.Dataset(calib, lambda t: t.numpy()), subset_size=8,
+                           ignored_scope=nncf_ignored_scope())
+    fq_users = [u.get_node() for op in scoped.get_ordered_ops() if op.get_type_name() == 'FakeQuantize'
+                for u in op.output(0).get_target_inputs()]
+    assert not any(n.get_type_name() in ('Multiply', 'Add', 'Subtract', 'ReduceSum', 'Select')
+                   and '.cmixer/aten::' in n.get_friendly_name() for n in fq_users)
+    from compress.stages.ptq_int8 import openvino_coverage
+    scoped_coverage = openvino_coverage(scoped)
+    assert scoped_coverage['quantized_weight_fraction'] >= coverage['quantized_weight_fraction']
+    assert all('attn.' in layer['layer'] for layer in scoped_coverage['not_quantized'])

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, get_device_dtype, trunc_normal_
+from timm.layers import DropPath, SelectAdaptivePool2d, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -69,6 +69,56 @@ def complex_pair_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     re, im = x.to(compute_dtype).unflatten(1, (-1, 2)).unbind(2)
     x = torch.stack((a * re - b * im, b * re + a * im), dim=2).flatten(1, 2)
     return x.to(dtype)
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group (the official block norm), with a layout-agnostic form for compiled graphs.
+
+    `F.group_norm` reshapes the map to (B, 1, C * H * W), which only is a view of an NCHW-contiguous tensor. Inside a
+    compiled PT2E int8 graph (no inductor layout optimisation there) that pinned the whole residual stream to NCHW
+    while every oneDNN conv reads and writes channels-last: each norm became a scalar (non-vectorised) Welford pass
+    plus 16x16 transposes. Under `torch.compile` / `torch.export` the same statistics are taken with `var_mean` over
+    (C, H, W), which is a plain reduction in any memory layout. Eager mode and TorchScript tracing (OpenVINO's
+    converter, which maps `group_norm` to its fused MVN) keep `F.group_norm`. Same parameters, same keys.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, **kwargs):
+        super().__init__(1, num_channels, eps=eps, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return group_norm1(x, self.weight, self.bias, self.eps)
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+
+
+def group_norm1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.group_norm(x, 1, weight, bias, eps)` for NCHW input, written without reshapes."""
+    var, mean = torch.var_mean(x, dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def _folded_conv(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        groups: int = 1,
+        padding: int = 0,
+) -> nn.Conv2d:
+    """A Conv2d holding the given (already folded) weight and bias."""
+    out_chs, in_per_group, kh, kw = weight.shape
+    conv = nn.Conv2d(
+        in_per_group * groups, out_chs, (kh, kw), padding=padding, groups=groups, bias=bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
 
 
 class ConvNormAct(nn.Module):
@@ -174,6 +224,113 @@ class CMixer(nn.Module):
         x = self.attn(x)
         return self.proj_out(x)
 
+    @torch.no_grad()
+    def fuse(self) -> 'CMixerDeploy':
+        """Inference form with the same function (BN statistics frozen); `timm.models.reparameterize_model` calls it."""
+        return CMixerDeploy(self)
+
+
+class CMixerDeploy(nn.Module):
+    """Inference form of :class:`CMixer` (built by `CMixer.fuse()`): the same function, laid out for CPU / int8.
+
+    The r*C hidden channels are kept as two tensors, `re` (official channels 0, 2, 4, ...) and `im` (1, 3, 5, ...),
+    the real and imaginary parts of the complex pairs, each produced by its own 1x1 convs (the rows of `theta` /
+    `proj`) and consumed by its own slice of everything after them (an exact relabelling of hidden channels):
+
+    * the complex pair mix needs no channel interleave: `a * re - b * im`, `b * re + a * im` on whole tensors.
+      The interleaved form (stack + flatten) compiled to a scalar strided-store loop plus a transposing copy,
+      ~35-40 % of the network's time in fp32 and int8 alike;
+    * stages with group width 2 (one complex pair per group of the 3x3 conv): the mix is folded into that conv, and
+      the grouped conv (which oneDNN runs at ~4 GMAC/s) becomes four depthwise convs re->re, im->re, re->im, im->im;
+      depthwise stages: one depthwise conv per half, after the element-wise mix;
+    * BN folded into those convs; the SE squeeze and `proj_out` take the halves (`proj_out(cat(u, v))` is
+      `proj_out_re(u) + proj_out_im(v)`), so no r*C-wide concat or split is ever materialised (a PT2E graph writes a
+      concat of float tensors in fp32 and quantizes it in a second pass; OpenVINO runs split / gather in planar
+      layout and reorders the r*C-wide maps around them);
+    * the argmax channel is found as the smallest index attaining the channel max (`amax`, then `amin` over the
+      matches: torch's first-index tie rule; OpenVINO's TopK for `argmax` cost more than all int8 convs together),
+      and the "F_max" term is a one-hot masked sum over the C channels it can come from, instead of a gather;
+    * `addcmul` for the products keeps the X86 quantizer from fake-quantizing `amp` and `theta` separately (its
+      same-shape `mul` rule). For NNCF / OpenVINO see :func:`nncf_ignored_scope`.
+    """
+
+    def __init__(self, cmixer: CMixer):
+        super().__init__()
+        n = cmixer.theta.out_channels
+        h = n // 2
+        c = cmixer.theta.in_channels
+        assert c % 2 == 0 and c <= n
+        dtype = cmixer.theta.weight.dtype
+        compute_dtype = torch.promote_types(dtype, torch.float32)  # the official complex step runs in fp32
+        a, b = cmixer.complex.detach().to(compute_dtype).reshape(h, 2).unbind(-1)
+        theta, proj = cmixer.theta, cmixer.proj
+        self.theta_re = _folded_conv(theta.weight[0::2], theta.bias[0::2])
+        self.theta_im = _folded_conv(theta.weight[1::2], theta.bias[1::2])
+        self.theta_act = nn.GELU()
+        self.proj_re = _folded_conv(proj.weight[0::2], proj.bias[0::2])
+        self.proj_im = _folded_conv(proj.weight[1::2], proj.bias[1::2])
+        # official channel index of the first C / 2 channels of each half (the ones the argmax can select)
+        self.register_buffer('chan_re', torch.arange(0, c, 2).reshape(-1, 1, 1), persistent=False)
+        self.register_buffer('chan_im', torch.arange(1, c, 2).reshape(-1, 1, 1), persistent=False)
+        self.register_buffer('chan', torch.arange(c).reshape(-1, 1, 1), persistent=False)
+
+        scale, shift = _bn_scale_shift(cmixer.conv.norm)
+        weight = cmixer.conv.conv.weight
+        self.mix_in_conv = cmixer.conv.conv.groups != n
+        if self.mix_in_conv:
+            # group k holds complex pair k: W'[k] = diag(bn scale) W[k] M_k, M_k = [[a, -b], [b, a]]
+            assert cmixer.conv.conv.groups == h, 'CMixer 3x3 conv must be depthwise or one complex pair per group'
+            mix = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -2)  # (h, out, in)
+            w = torch.einsum('kojxy,kji->koixy', weight.to(compute_dtype).reshape(h, 2, 2, *weight.shape[2:]), mix)
+            w = (w * scale.reshape(h, 2)[:, :, None, None, None]).to(dtype)
+            shift = shift.reshape(h, 2)
+            self.conv_rr = _folded_conv(w[:, 0, 0, None], shift[:, 0], groups=h, padding=1)
+            self.conv_ri = _folded_conv(w[:, 0, 1, None], None, groups=h, padding=1)
+            self.conv_ir = _folded_conv(w[:, 1, 0, None], shift[:, 1], groups=h, padding=1)
+            self.conv_ii = _folded_conv(w[:, 1, 1, None], None, groups=h, padding=1)
+        else:
+            w = weight * scale[:, None, None, None]
+            self.conv_re = _folded_conv(w[0::2], shift[0::2], groups=h, padding=1)
+            self.conv_im = _folded_conv(w[1::2], shift[1::2], groups=h, padding=1)
+            self.register_buffer('mix_a', a[:, None, None].to(dtype).contiguous(), persistent=False)
+            self.register_buffer('mix_b', b[:, None, None].to(dtype).contiguous(), persistent=False)
+        self.act = nn.GELU()
+
+        attn = cmixer.attn
+        re_im = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+        self.squeeze = _folded_conv(attn.squeeze.weight[:, re_im], attn.squeeze.bias)
+        self.squeeze_act = nn.ReLU()
+        self.expand_re = _folded_conv(attn.expand.weight[0::2], attn.expand.bias[0::2])
+        self.expand_im = _folded_conv(attn.expand.weight[1::2], attn.expand.bias[1::2])
+        self.proj_out_re = _folded_conv(cmixer.proj_out.weight[:, 0::2], cmixer.proj_out.bias)
+        self.proj_out_im = _folded_conv(cmixer.proj_out.weight[:, 1::2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # first index of the channel max (argmax's tie rule); clamped so a NaN map (no match) still indexes safely
+        idx = torch.where(x == x.amax(dim=1, keepdim=True), self.chan, x.shape[1]).amin(dim=1, keepdim=True)
+        idx = idx.clamp_max(x.shape[1] - 1)
+        theta_re, theta_im = self.theta_act(self.theta_re(x)), self.theta_act(self.theta_im(x))
+        amp_re, amp_im = self.proj_re(x), self.proj_im(x)
+        k = self.chan_re.shape[0]
+        # amp * theta at official channel idx: exactly one term of the masked sum is selected
+        zero = amp_re.new_zeros(())
+        peak = (torch.where(self.chan_re == idx, torch.addcmul(zero, amp_re[:, :k], theta_re[:, :k]), zero)
+                + torch.where(self.chan_im == idx, torch.addcmul(zero, amp_im[:, :k], theta_im[:, :k]), zero))
+        peak = peak.sum(dim=1, keepdim=True)
+        re = torch.addcmul(peak, amp_re, theta_re)
+        im = torch.addcmul(peak, amp_im, theta_im)
+        if self.mix_in_conv:
+            y_re = self.act(self.conv_rr(re) + self.conv_ri(im))
+            y_im = self.act(self.conv_ir(re) + self.conv_ii(im))
+        else:
+            y_re = self.act(self.conv_re(self.mix_a * re - self.mix_b * im))
+            y_im = self.act(self.conv_im(self.mix_b * re + self.mix_a * im))
+        s = torch.cat([F.adaptive_avg_pool2d(y_re, 1), F.adaptive_avg_pool2d(y_im, 1)], dim=1)
+        s = self.squeeze_act(self.squeeze(s))
+        y_re = y_re * torch.sigmoid(self.expand_re(s))
+        y_im = y_im * torch.sigmoid(self.expand_im(s))
+        return self.proj_out_re(y_re) + self.proj_out_im(y_im)
+
 
 class SpaRTANBlock(nn.Module):
     def __init__(
@@ -183,7 +340,7 @@ class SpaRTANBlock(nn.Module):
             depthwise: bool = False,
             drop_path: float = 0.,
             ls_init_value: float = 1e-5,
-            norm_layer: Callable[..., nn.Module] = partial(GroupNorm1, eps=1e-6),
+            norm_layer: Callable[..., nn.Module] = GroupNorm1,
             device=None,
             dtype=None,
     ):
@@ -454,6 +611,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SpaRTAN) ->
             k = f'{flat_to_ours[int(m.group(1))]}.{m.group(2)}'
         out_dict[k] = v
     return out_dict
+
+
+def nncf_ignored_scope():
+    """`nncf.IgnoredScope` for `nncf.quantize` of a reparameterized SpaRTAN converted by `openvino.convert_model`.
+
+    NNCF's default CPU scheme also fake-quantizes the inputs / outputs of the CMixer's element-wise products, sums
+    and complex mix (~450 extra FakeQuantize nodes in T). Leaving those in float (every conv stays int8) measured
+    0.74x the int8 time and 0.54x the int8 output error of the default on spartan_t, batch 32. The patterns match
+    the node names `convert_model` gives them (`__module.stages.0.blocks.0.cmixer/aten::addcmul/Multiply`);
+    convolutions (`cmixer.theta_re/aten::_convolution/...`) are not matched. Pass it as
+    `nncf.quantize(ov_model, dataset, ..., ignored_scope=nncf_ignored_scope())`.
+    """
+    import nncf
+    return nncf.IgnoredScope(patterns=[r'.*\.cmixer/aten::(mul|add|addcmul|sub|sum|where)/.*'], validate=False)
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
