@@ -1,6 +1,6 @@
 """Tests for compress/models/smt.py (SMT, arXiv 2307.08579).
 
-Sizes come from /work/shared/notes/smt_s2aformer.md section 1.3 ("Analytic params", "GMACs (A)" = conv+linear
+Sizes come from ../shared/notes/smt_s2aformer.md section 1.3 ("Analytic params", "GMACs (A)" = conv+linear
 only, "GMACs (B)" = plus attention matmuls). Full-size variants are built on the meta device, so counting params
 and MACs costs shapes only.
 
