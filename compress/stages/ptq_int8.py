@@ -113,7 +113,7 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], transformer: 
     ov_model = ov.convert_model(model.eval(), example_input=example)
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
     dataset = nncf.Dataset(calib, lambda images: images.numpy())
-    subset = sum(len(images) for images in calib)
+    subset = len(calib)  # NNCF counts dataset items, and each item here is a batch
     kwargs = {'model_type': nncf.ModelType.TRANSFORMER} if transformer else {}
     quantized = nncf.quantize(ov_model, dataset, subset_size=subset, target_device=nncf.TargetDevice.CPU, **kwargs)
     return quantized, openvino_coverage(quantized)
