@@ -58,8 +58,7 @@ def _layer_signatures(model: nn.Module, images: torch.Tensor) -> dict:
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(images[:1])
-    for h in hooks:
-        h.remove()
+    [h.remove() for h in hooks]
     return signatures
 
 
@@ -75,8 +74,8 @@ def _match_layer(event, signatures: dict) -> str | None:
     return None
 
 
-def _group_rows(items, total_ms: float, top: int) -> list[dict]:
-    """items: (op, kind, ms, module); returns rows sorted by time, with the modules each op ran in."""
+def _group_rows(items, total_ms: float, top: int, iters: int) -> list[dict]:
+    """items: (op, kind, ms, module); returns rows sorted by time (calls per batch, modules the op ran in)."""
     by_op = defaultdict(lambda: {'ms': 0.0, 'calls': 0, 'modules': defaultdict(float)})
     for op, kind, ms, module in items:
         row = by_op[(op, kind)]
@@ -87,12 +86,12 @@ def _group_rows(items, total_ms: float, top: int) -> list[dict]:
     for (op, kind), row in sorted(by_op.items(), key=lambda kv: -kv[1]['ms'])[:top]:
         modules = sorted(row['modules'].items(), key=lambda kv: -kv[1])
         rows.append({'op': op, 'kind': kind, 'ms': row['ms'], 'pct': 100 * row['ms'] / total_ms,
-                     'calls': row['calls'], 'modules': ', '.join(m for m, _ in modules[:3])
+                     'calls': row['calls'] // iters, 'modules': ', '.join(m for m, _ in modules[:3])
                      + (f' (+{len(modules) - 3})' if len(modules) > 3 else '')})
     return rows
 
 
-def _summary(items: list, top: int) -> dict:
+def _summary(items: list, top: int, iters: int) -> dict:
     """Totals by kind, rows by op, time by module (with what follows it) and conv / linear time by layer."""
     total = sum(ms for _op, _kind, ms, _m in items)
     by_kind, by_module, by_layer = defaultdict(float), defaultdict(float), defaultdict(float)
@@ -102,7 +101,7 @@ def _summary(items: list, top: int) -> dict:
         if kind == 'conv/linear':
             by_layer[module] += ms
     ranked = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:top]  # noqa: E731
-    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top),
+    return {'total_ms': total, 'by_kind': dict(by_kind), 'rows': _group_rows(items, total, top, iters),
             'by_module': ranked(by_module), 'by_layer': ranked(by_layer)}
 
 
@@ -129,14 +128,12 @@ def _torch_profile(fn, images, signatures: dict, iters: int, top: int) -> dict:
         op = re.sub(r'^graph_\d+_', '', re.sub(r'_\d+$', '', name))
         kind = 'inductor kernel' if op.startswith('cpp_fused') else 'aten op'
         items.append((op, kind, ms, f'after {module}'))
-    return _summary(items, top)
+    return _summary(items, top, iters)
 
 
 def _ov_compile(ov_model, perf: bool):
     import openvino as ov
-    config = {'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': 1}
-    if perf:
-        config['PERF_COUNT'] = True
+    config = {'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': 1, 'PERF_COUNT': perf}
     return ov.Core().compile_model(ov_model, 'CPU', config)
 
 
@@ -158,7 +155,7 @@ def _ov_profile(compiled, images, iters: int, top: int) -> dict:
             kind = 'conv/linear' if info.node_type in ('Convolution', 'GroupConvolution', 'FullyConnected',
                                                        'MatMul', 'Deconvolution') else info.node_type
             items.append((f'{info.node_type} [{info.exec_type}]', kind, ms, module))
-    return _summary(items, top)
+    return _summary(items, top, iters)
 
 
 def _cpu_ms(fns: dict, images, rounds: int) -> dict:
@@ -185,13 +182,14 @@ def _compile(module: nn.Module):
 
 def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backend: str = 'both', top: int = 25,
                   iters: int = 2, rounds: int = 3, calib_batches: int = 2, reparameterize: bool = False,
-                  model: nn.Module | None = None, **model_kwargs) -> dict:
+                  model_ignored_scope: bool = False, model: nn.Module | None = None, **model_kwargs) -> dict:
     """Profile fp32 (eager, compiled) and int8 of ``model_name``; returns totals and per-op rows per variant.
 
     ``reparameterize`` profiles the deploy form (``timm.models.reparameterize_model``: every ``fuse()`` /
-    ``reparameterize()``) for all variants; ``model`` overrides the timm build. Row times are ms per batch.
+    ``reparameterize()``) for all variants; ``model_ignored_scope`` passes the model's ``nncf_ignored_scope()`` (if it
+    has one) to ``nncf.quantize``; ``model`` overrides the timm build. Row times are ms per batch.
     """
-    from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+    from compress.stages.ptq_int8 import openvino_coverage, quantize_x86_pt2e
     import torch._inductor.config as inductor_config
     os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')
     torch.set_num_threads(1)
@@ -209,7 +207,7 @@ def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backe
     if backend in ('x86_pt2e', 'both'):
         variants['torch fp32 compiled'] = _compile(model)
         with torch.no_grad():
-            variants['torch fp32 compiled'](images)  # compile before the next one resets dynamo
+            variants['torch fp32 compiled'](images)  # compile now, not inside the timed rounds
         graph, coverage = quantize_x86_pt2e(model, calib)
         variants['torch int8 compiled'] = _compile(graph)
         result['pt2e_coverage'] = coverage['quantized_weight_fraction']
@@ -219,17 +217,19 @@ def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backe
         import openvino as ov
         fp32_ov = ov.convert_model(model, example_input=images[:1])
         fp32_ov.reshape({fp32_ov.inputs[0]: ov.PartialShape([-1, 3, input_size, input_size])})
-        int8_ov, coverage = quantize_openvino(model, calib, transformer=False)
-        result['openvino_coverage'] = coverage['quantized_weight_fraction']
+        import nncf  # as compress.stages.ptq_int8.quantize_openvino, optionally with the model's ignored scope
+        scope = getattr(model, 'nncf_ignored_scope', None) if model_ignored_scope else None
+        int8_ov = nncf.quantize(fp32_ov, nncf.Dataset(calib, lambda x: x.numpy()), subset_size=len(calib) * len(calib[0]),
+                                target_device=nncf.TargetDevice.CPU, **({'ignored_scope': scope()} if scope else {}))
+        result['openvino_coverage'] = openvino_coverage(int8_ov)['quantized_weight_fraction']
         for label, ov_model in (('openvino fp32', fp32_ov), ('openvino int8', int8_ov)):
             result[label] = _ov_profile(_ov_compile(ov_model, perf=True), images, iters, top)
             compiled = _ov_compile(ov_model, perf=False)
             variants[label] = lambda x, c=compiled: c(x.numpy())
     result['cpu_ms'] = _cpu_ms(variants, images, rounds)
     ms = result['cpu_ms']
-    result['ratios'] = {k: ms[a] / ms[b] for k, a, b in (
-        ('torch int8 / fp32 compiled', 'torch int8 compiled', 'torch fp32 compiled'),
-        ('openvino int8 / fp32', 'openvino int8', 'openvino fp32')) if a in ms and b in ms}
+    result['ratios'] = {f'{b} int8 / fp32': ms[f'{b} int8{c}'] / ms[f'{b} fp32{c}'] for b, c in
+                        (('torch', ' compiled'), ('openvino', '')) if f'{b} int8{c}' in ms}
     return result
 
 
@@ -245,7 +245,7 @@ def print_profile(result: dict, top: int = 25) -> None:
         print(f"\n--- {label}: profiled {prof['total_ms']:.1f} ms/batch: {kinds}")
         print(f"{'self ms':>9} {'%':>5} {'calls':>6}  {'op':<58} modules")
         for row in prof['rows'][:top]:
-            print(f"{row['ms']:9.2f} {row['pct']:5.1f} {row['calls'] // 1:6d}  {row['op'][:58]:<58} {row['modules']}")
+            print(f"{row['ms']:9.2f} {row['pct']:5.1f} {row['calls']:6d}  {row['op'][:58]:<58} {row['modules']}")
         for title, key in (('by module (with the kernels that follow it)', 'by_module'),
                            ('conv / linear layers only', 'by_layer')):
             print(f'  {title}:')
@@ -269,9 +269,11 @@ def main(argv=None) -> None:
     parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
     parser.add_argument('--reparameterize', action='store_true',
                         help='profile the deploy form (timm.models.reparameterize_model)')
+    parser.add_argument('--model-ignored-scope', action='store_true',
+                        help="quantize for OpenVINO with the model's nncf_ignored_scope(), if it has one")
     args = parser.parse_args(argv)
     result = profile_model(args.model, args.input_size, args.batch, args.backend, args.top, args.iters, args.rounds,
-                           reparameterize=args.reparameterize)
+                           reparameterize=args.reparameterize, model_ignored_scope=args.model_ignored_scope)
     print_profile(result, args.top)
 
 
