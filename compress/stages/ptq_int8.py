@@ -115,6 +115,8 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], transformer: 
     dataset = nncf.Dataset(calib, lambda images: images.numpy())
     subset = len(calib)  # NNCF counts dataset items, and each item here is a batch
     kwargs = {'model_type': nncf.ModelType.TRANSFORMER} if transformer else {}
+    if hasattr(model, 'nncf_ignored_scope'):  # a model family's ops that must stay float (SpaRTAN's CMixer products)
+        kwargs['ignored_scope'] = model.nncf_ignored_scope()
     quantized = nncf.quantize(ov_model, dataset, subset_size=subset, target_device=nncf.TargetDevice.CPU, **kwargs)
     return quantized, openvino_coverage(quantized)
 
