@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ['TorchRunner', 'OpenVINORunner', 'compile_for_cpu']
+__all__ = ['TorchRunner', 'OpenVINORunner', 'compile_for_cpu', 'deploy_form', 'has_deploy_form', 'float_runner']
 
 
 def compile_for_cpu(module: nn.Module):
@@ -29,6 +29,28 @@ def compile_for_cpu(module: nn.Module):
     torch._inductor.config.freezing = True
     torch._dynamo.reset()
     return torch.compile(_inference_mode(copy.deepcopy(module)), dynamic=False)
+
+
+def has_deploy_form(model: nn.Module) -> bool:
+    """Whether ``timm.utils.reparameterize_model`` changes ``model`` (some block has fuse/reparameterize)."""
+    return any(hasattr(m, name) for m in model.modules() if m is not model
+               for name in ('fuse', 'reparameterize', 'switch_to_deploy'))
+
+
+def deploy_form(model: nn.Module) -> nn.Module:
+    """The inference form of ``model`` (a copy; same function): what the int8 stages quantize and ship.
+
+    Float rows are timed in this form too, so that an int8 speedup measures quantization, not the rewrite.
+    """
+    from timm.utils.model import reparameterize_model
+    if not has_deploy_form(model):
+        return model
+    return reparameterize_model(copy.deepcopy(model).eval(), inplace=True)  # the caller's model keeps its mode
+
+
+def float_runner(model: nn.Module, eval_cfg) -> TorchRunner:
+    """The fp32 row of a float model: its deploy form, compiled or eager as the recipe's ``eval`` says."""
+    return TorchRunner(deploy_form(model), compiled=eval_cfg.compile, label='fp32', fixed_batch=eval_cfg.batch_size)
 
 
 def _inference_mode(module: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 from compress.checkpoint import RunProgress, restore_metrics
 from compress.config import QUANTIZE_KINDS, TRAINING_KINDS, RecipeConfig
 from compress.data import attach_transforms, build_datasets, resolve_data_config
-from compress.deploy import TorchRunner
+from compress.deploy import float_runner, has_deploy_form
 from compress.factory import build_model
 from compress.record import environment, git_hash
 from compress.stages import STAGES
@@ -58,8 +58,9 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     if state is None:
         baseline = StageResult(
             name='baseline', kind='baseline',
-            runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32', fixed_batch=cfg.eval.batch_size),
-            float_model=model, next_model=model, notes=model_notes,
+            runner=float_runner(model, cfg.eval), float_model=model, next_model=model,
+            notes=model_notes + (['fp32 evaluated and timed in deploy form (fused blocks, same function), as the '
+                                  'quantized rows ship'] if has_deploy_form(model) else []),
         )
         baseline_metrics = evaluate_stage(baseline, ctx)
         _report(accelerator, baseline, baseline_metrics)
@@ -73,8 +74,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         baseline_metrics = restore_metrics(entries[0], num_images)
         before_metrics = restore_metrics(next(e for e in entries if e['name'] == before_name), num_images)
         ctx.previous = [StageResult(name=before_name, kind='restored', float_model=model, next_model=model,
-                                    runner=TorchRunner(model, compiled=cfg.eval.compile, label='fp32',
-                                                       fixed_batch=cfg.eval.batch_size))]
+                                    runner=float_runner(model, cfg.eval))]
         accelerator.print(f'resuming after stage {first_stage} ({before_name}) from {progress.dir}')
     ctx.output_dir = str(Path(cfg.output.dir) / cfg.name)
     for index, stage_cfg in enumerate(cfg.stages):

@@ -2,8 +2,10 @@
 
 ``python -m eval.benchmark spartan_xt spartan_t smt_t --batch 1 32`` prints, per model: params and GMACs (ours,
 next to the paper's and the extraction notes' figures where we have them), CPU img/s of fp32 eager, fp32
-``torch.compile``, PT2E int8 (compiled) and NNCF int8 in OpenVINO (with OpenVINO fp32 under the f32 hint for
-reference), and the int8 speedups over fp32 compiled. Weights are random and calibration uses random images:
+``torch.compile`` (as written, and in the fused deploy form when the model has one), PT2E int8 (compiled) and NNCF
+int8 in OpenVINO (with OpenVINO fp32 under the f32 hint for reference), and the speedups over fp32 compiled as
+written. The int8 paths start from the deploy form, so ``pt2e_int8_vs_deploy_fp32`` is the gain of quantization
+alone and ``fp32_deploy_compiled_speedup`` the gain of the rewrite alone. Weights are random and calibration uses random images:
 speed does not depend on them (accuracy does; use a recipe for that). Single-threaded unless ``--threads``.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from tabulate import tabulate
 
 import compress.models  # noqa: F401
-from compress.deploy import OpenVINORunner, TorchRunner
+from compress.deploy import OpenVINORunner, TorchRunner, deploy_form, has_deploy_form
 from compress.stages.ptq_int8 import openvino_fp32, quantize_openvino, quantize_x86_pt2e
 from eval.complexity import count_macs, count_params
 from eval.throughput import measure_cpu
@@ -44,7 +46,6 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
     With ``prune_ratio`` the model is first pruned (group-norm importance, that channel ratio, the model's own
     pruning rules) and every form is measured on the pruned model.
     """
-    from timm.utils.model import reparameterize_model
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     size = input_size or (REFERENCE.get(name, (None,))[0] or model.pretrained_cfg['input_size'][-1])
@@ -59,10 +60,12 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
     row.update(params_m=round(count_params(model) / 1e6, 3), gmacs=round(count_macs(model, shape) / 1e9, 3))
     if name in REFERENCE and not prune_ratio:
         _, row['paper_params_m'], row['paper_gmacs'], row['notes_params_m'], row['notes_gmacs'] = REFERENCE[name]
-    deploy = reparameterize_model(model)
+    deploy = deploy_form(model)
     calib = [torch.randn(8, *shape) for _ in range(4)]
     runners = {'fp32_eager': TorchRunner(model, compiled=False, label='fp32 eager'),
                'fp32_compiled': TorchRunner(model, compiled=True, label='fp32')}
+    if has_deploy_form(model):  # the fused form the int8 paths start from, so its gain is shown apart
+        runners['fp32_deploy_compiled'] = TorchRunner(deploy, compiled=True, label='fp32 deploy')
     if 'x86_pt2e' in backends:
         graph, coverage = quantize_x86_pt2e(deploy, calib)
         runners['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
@@ -78,9 +81,12 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
             row[f'{label}_bs{batch}'] = measure_cpu(runner, shape, batch, threads=threads, warmup=2,
                                                     repeats=repeats, min_seconds=min_seconds)['img_s']
         compiled = row[f'fp32_compiled_bs{batch}']
-        for label in ('pt2e_int8', 'ov_int8'):
+        deployed = row.get(f'fp32_deploy_compiled_bs{batch}', compiled)
+        for label in ('fp32_deploy_compiled', 'pt2e_int8', 'ov_int8'):
             if f'{label}_bs{batch}' in row:
                 row[f'{label}_speedup_bs{batch}'] = round(row[f'{label}_bs{batch}'] / compiled, 2)
+        if f'pt2e_int8_bs{batch}' in row:
+            row[f'pt2e_int8_vs_deploy_fp32_bs{batch}'] = round(row[f'pt2e_int8_bs{batch}'] / deployed, 2)
         if f'ov_int8_bs{batch}' in row:
             row[f'ov_int8_vs_ov_fp32_bs{batch}'] = round(row[f'ov_int8_bs{batch}'] / row[f'ov_fp32_bs{batch}'], 2)
     return row
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     columns = ['model', 'input', 'pruned', 'macs_kept', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
     for batch in args.batch:
-        columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'pt2e_int8_speedup_bs{batch}',
+        columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'fp32_deploy_compiled_speedup_bs{batch}',
+                    f'pt2e_int8_speedup_bs{batch}', f'pt2e_int8_vs_deploy_fp32_bs{batch}',
                     f'ov_int8_speedup_bs{batch}', f'ov_int8_vs_ov_fp32_bs{batch}']
     columns = [c for c in columns if any(c in row for row in rows)]
     print(tabulate([[row.get(c, '') for c in columns] for row in rows], columns, tablefmt='github'))

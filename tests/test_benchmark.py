@@ -21,3 +21,11 @@ def test_benchmark_of_a_pruned_model():
                           backends=('x86_pt2e',), prune_ratio=0.5)
     # round_to=8 on 8-channel layers keeps them: only the wider inner channels go
     assert row['pruned'] == 0.5 and row['macs_kept'] < 0.8 and row['pt2e_int8_weights'] == 1.0
+
+
+def test_a_model_with_a_deploy_form_gets_its_own_fp32_row():
+    row = benchmark_model('test_spartan', batch_sizes=(2,), input_size=64, repeats=1, min_seconds=0.05,
+                          backends=('x86_pt2e',))
+    assert row['fp32_deploy_compiled_bs2'] > 0
+    assert row['fp32_deploy_compiled_speedup_bs2'] == round(row['fp32_deploy_compiled_bs2'] / row['fp32_compiled_bs2'], 2)
+    assert row['pt2e_int8_vs_deploy_fp32_bs2'] == round(row['pt2e_int8_bs2'] / row['fp32_deploy_compiled_bs2'], 2)

@@ -212,22 +212,86 @@ def test_prune_complex_pairs():
         assert torch.allclose(m(x), ref, atol=1e-5)
 
 
-@pytest.mark.filterwarnings('ignore:Unwrapped parameters')
-def test_torch_pruning_smoke():
-    tp = pytest.importorskip('torch_pruning')
+def _dead_hidden_half(model):
+    """Zero half of every CMixer's complex pairs (linked or not) and half its SE squeeze: they reach nothing."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(('scale_1', 'scale_2')):
+                p.fill_(1.0)  # at the 1e-5 init a wrong argmax term would hide below the tolerance
+        for m in (m for m in model.modules() if isinstance(m, CMixer)):
+            pairs = m.theta.out_channels // 2
+            dead_pairs = torch.randperm(pairs)[:pairs // 2]
+            dead = torch.stack((2 * dead_pairs, 2 * dead_pairs + 1), 1).flatten()
+            for conv in (m.theta, m.proj, m.conv.conv, m.attn.expand):
+                conv.weight[dead] = 0
+                if conv.bias is not None:
+                    conv.bias[dead] = 0
+            m.conv.norm.weight[dead] = 0
+            m.conv.norm.bias[dead] = 0
+            m.attn.squeeze.weight[:, dead] = 0
+            m.proj_out.weight[:, dead] = 0
+            rd = m.attn.squeeze.out_channels
+            dead_rd = torch.randperm(rd)[:rd // 2]
+            m.attn.squeeze.weight[dead_rd] = 0
+            m.attn.squeeze.bias[dead_rd] = 0
+            m.attn.expand.weight[:, dead_rd] = 0
+
+
+def test_prune_stage_removes_dead_complex_pairs_and_keeps_the_function():
+    """The argmax links survive pruning: dead hidden pairs (half of them reachable by the argmax) go, output stays."""
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    torch.manual_seed(0)
     model = timm.create_model('test_spartan').eval()
-    x = torch.randn(1, 3, 64, 64)
-    before = count_params(model)
-    pruner = tp.pruner.BasePruner(
-        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-        ignored_layers=[model.head], round_to=8,
-    )
-    pruner.step()
-    assert count_params(model) < before
-    assert model(x).shape == (1, 1000)
-    for m in model.modules():
-        if isinstance(m, CMixer):
-            assert 2 * m.complex.shape[3] == m.theta.out_channels
+    _dead_hidden_half(model)
+    # the residual stream and the SMixers keep their width: GroupNorm statistics would change otherwise
+    keep = ['stem', 'stages.1.downsample', 'stages.2.downsample', 'stages.3.downsample'] + [
+        n for n, _ in model.named_modules() if n.endswith('.smixer')]
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    pruned, _ = prune_model(model, PruneStage(ratio=0.5, round_to=None, ignore=keep), 0.5, x[:2])
+    mixers = [m for m in pruned.modules() if type(m).__name__ == 'CMixerDeploy']
+    original = [m for m in model.modules() if isinstance(m, CMixer)]
+    assert [m.theta_re.out_channels for m in mixers] == [m.theta.out_channels // 4 for m in original]
+    # each mixer still links some input channels to kept pairs, and lost the others' links
+    assert all(0 < m.chan_re.shape[0] < m.theta_re.in_channels // 2 for m in mixers)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_stage_relinks_kept_input_channels_to_their_pairs():
+    """Residual and hidden channels both pruned: each link points at the input channel with the pair's index."""
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    from compress.stages.ptq_int8 import quantize_x86_pt2e
+    torch.manual_seed(0)
+    model = timm.create_model('test_spartan').eval()
+    with torch.no_grad():  # stamp each theta weight with its (out, in) index, read back after pruning
+        for m in (m for m in model.modules() if isinstance(m, CMixer)):
+            out_chs, in_chs = m.theta.weight.shape[:2]
+            stamp = torch.arange(out_chs)[:, None] * 1000 + torch.arange(in_chs)[None] + 1
+            m.theta.weight.copy_(stamp[:, :, None, None] * torch.randn(out_chs, 1, 1, 1).sign())
+    x = torch.randn(2, 3, 64, 64)
+    pruned, _ = prune_model(model, PruneStage(ratio=0.4, round_to=None), 0.4, x)
+    checked = 0
+    originals = [m for m in model.modules() if isinstance(m, CMixer)]
+    for m, original in zip((m for m in pruned.modules() if type(m).__name__ == 'CMixerDeploy'), originals):
+        stamp = m.theta_re.weight[:, :, 0, 0].abs().round().long() - 1
+        pair = stamp[:, 0] // 1000 // 2          # original pair index of each kept re channel
+        inputs = stamp[0] % 1000                 # original index of each kept input channel
+        assert len(inputs) < original.theta.in_channels and len(pair) < original.theta.out_channels // 2
+        # linked pairs (those an input channel can select) come first, and all of them are listed
+        assert m.chan_re.shape[0] == int((pair < original.theta.in_channels // 2).sum())
+        for position, k in enumerate(pair[:m.chan_re.shape[0]].tolist()):
+            for link, channel in ((m.chan_re, 2 * k), (m.chan_im, 2 * k + 1)):
+                found = (inputs == channel).nonzero()
+                assert link[position].item() == (found.item() if len(found) else -1)
+                checked += 1
+    assert checked > 0
+    assert torch.isfinite(pruned(x)).all()
+    graph, coverage = quantize_x86_pt2e(pruned, [torch.randn(2, 3, 64, 64)])
+    assert coverage['quantized_weight_fraction'] == 1.0
 
 
 def test_train_backward_grad_checkpointing():

@@ -3,7 +3,9 @@
 What to remove (the importance, chosen by name) stays apart from how much (``ratio`` or a ``target_macs`` that
 is searched) — Torch-Pruning's own split. What a model needs for its channels to stay consistent lives next to
 the model: a model module may define ``pruning_spec(model) -> PruningSpec`` (layers that must keep their width,
-heads, parameters Torch-Pruning cannot see, fix-ups of attributes after pruning). On top of that every model gets
+heads, parameters Torch-Pruning cannot see, hooks that see each pruned group, fix-ups of attributes after pruning),
+and ``pruning_form(model) -> model`` when an equivalent form of the model suits pruning better (SpaRTAN prunes its
+deploy form, whose complex channel pairs are aligned halves). On top of that every model gets
 the generic rules: the classifier keeps its outputs, and timm ``Attention`` blocks are pruned with a consistent
 head structure and their ``num_heads`` / ``head_dim`` / ``scale`` updated afterwards.
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from compress.config import PruneStage
 from compress.data import make_loader
-from compress.deploy import TorchRunner
+from compress.deploy import float_runner
 from compress.stages.base import StageContext, StageResult
 from eval.complexity import count_macs, count_params
 
@@ -51,6 +53,8 @@ class PruningSpec:
     out_channel_groups: dict[nn.Module, int] = field(default_factory=dict)
     after_prune: list[Callable[[nn.Module, tp.pruner.BasePruner], None]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # called with each group right before Torch-Pruning removes it (indices as they are at that moment)
+    on_group: list[Callable[[tp.dependency.Group, tp.DependencyGraph], None]] = field(default_factory=list)
 
     def merge(self, other: PruningSpec) -> PruningSpec:
         return PruningSpec(
@@ -59,7 +63,7 @@ class PruningSpec:
             {**self.customized_pruners, **other.customized_pruners},
             {**self.in_channel_groups, **other.in_channel_groups},
             {**self.out_channel_groups, **other.out_channel_groups},
-            self.after_prune + other.after_prune, self.notes + other.notes,
+            self.after_prune + other.after_prune, self.notes + other.notes, self.on_group + other.on_group,
         )
 
 
@@ -111,6 +115,9 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
                 grad_batches=None) -> tuple[nn.Module, PruningSpec]:
     """Prune a copy of ``model`` at one channel ratio; returns the pruned copy and the spec that was used."""
     model = copy.deepcopy(model).eval()
+    family = importlib.import_module(type(model).__module__)
+    if hasattr(family, 'pruning_form'):
+        model = family.pruning_form(model)
     spec = pruning_spec(model, cfg.ignore)
     pruner = tp.pruner.BasePruner(
         model, example, importance=IMPORTANCE_FACTORIES[cfg.importance](), pruning_ratio=ratio,
@@ -124,7 +131,10 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
     )
     if cfg.importance == 'taylor':
         _accumulate_taylor_gradients(model, grad_batches)
-    pruner.step()
+    for group in pruner.step(interactive=True):
+        for hook in spec.on_group:
+            hook(group, pruner.DG)
+        group.prune()
     for fix in spec.after_prune:
         fix(model, pruner)
     model.zero_grad(set_to_none=True)
@@ -173,7 +183,7 @@ def apply_prune(cfg: PruneStage, model: nn.Module, ctx: StageContext) -> list[St
     }
     notes = [f'{cfg.importance} importance, channel ratio {ratio:.3f}: MACs x{macs_after / macs_before:.3f}, '
              f'params x{params_after / params_before:.3f}'] + spec.notes
-    runner = TorchRunner(pruned, compiled=ctx.eval_cfg.compile, label='fp32', fixed_batch=ctx.eval_cfg.batch_size)
+    runner = float_runner(pruned, ctx.eval_cfg)
     return [StageResult(name='prune', kind='prune', runner=runner, float_model=pruned, next_model=pruned,
                         seconds=time.perf_counter() - start, coverage=coverage, notes=notes)]
 

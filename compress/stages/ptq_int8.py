@@ -24,7 +24,7 @@ from torch import nn
 
 from compress.config import PtqInt8Stage
 from compress.data import calibration_batches
-from compress.deploy import OpenVINORunner, TorchRunner
+from compress.deploy import OpenVINORunner, TorchRunner, float_runner
 from compress.stages.base import StageContext, StageResult
 
 __all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'pt2e_coverage', 'openvino_coverage']
@@ -192,7 +192,7 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                     notes.append('nncf model_type=TRANSFORMER')
             precision = 'int8' if coverage['quantized_weight_fraction'] > 0 else 'fp32'
         except Exception as error:  # capture or quantization failed: keep the float model and say why
-            runner = TorchRunner(model, compiled=ctx.eval_cfg.compile, label='fp32', fixed_batch=ctx.eval_cfg.batch_size)
+            runner = float_runner(model, ctx.eval_cfg)
             coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {_first_line(error)}'}
             notes.append(f'{backend} failed, row is the float model: {coverage["failed"]}')
             precision = 'fp32'

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from compress.config import TrainStage
 from compress.data import make_loader
-from compress.deploy import TorchRunner
+from compress.deploy import float_runner
 from compress.stages.base import StageContext, StageResult
 
 __all__ = ['apply_train', 'train_model']
@@ -119,7 +119,7 @@ def _eval_mode(model: nn.Module) -> nn.Module:
 def apply_train(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     start = time.perf_counter()
     model, summary = train_model(cfg, model, ctx)
-    runner = TorchRunner(model, compiled=ctx.eval_cfg.compile, label='fp32', fixed_batch=ctx.eval_cfg.batch_size)
+    runner = float_runner(model, ctx.eval_cfg)
     return [StageResult(
         name='train', kind='train', runner=runner, float_model=model, next_model=model,
         seconds=time.perf_counter() - start,

@@ -58,7 +58,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 from compress.config import Weight4BitStage
-from compress.deploy import OpenVINORunner, TorchRunner
+from compress.deploy import OpenVINORunner, TorchRunner, float_runner
 from compress.stages.base import StageContext, StageResult
 from compress.stages.ptq_int8 import _first_line, weight_constant
 
@@ -350,8 +350,7 @@ def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext)
                 precision = 'fp32'
                 notes.append('no weight in 4 bit: the row is the float model')
         except Exception as error:  # unavailable config/kernel or a failed conversion: keep the float model
-            runner = TorchRunner(model, compiled=ctx.eval_cfg.compile, label='fp32',
-                                 fixed_batch=ctx.eval_cfg.batch_size)
+            runner = float_runner(model, ctx.eval_cfg)
             coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {_first_line(error)}'}
             notes.append(f'{backend} failed, row is the float model: {coverage["failed"]}')
             precision = 'fp32'
