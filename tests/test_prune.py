@@ -74,3 +74,40 @@ def test_prune_config_needs_exactly_one_amount():
         PruneStage(ratio=0.5, target_macs=0.5)
     with pytest.raises(RecipeError, match='must be in'):
         PruneStage(ratio=1.5)
+
+
+SEED_CHAIN = """
+name: seed_chain
+model: {{name: {model}}}
+data: {{source: synthetic, synthetic_image_size: 64, input_size: [3, 64, 64], crop_pct: 1.0, synthetic_train: 64,
+       synthetic_eval: 64, synthetic_calib: 32, batch_size: 16, workers: 0, train_augment: none}}
+stages:
+  - {{kind: prune, ratio: 0.5, round_to: 8}}
+  - {{kind: distill, epochs: 1, lr: 0.001, feature_weight: 1.0}}
+  - {last}
+eval: {{throughput: false, compile: false, bootstrap: 100}}
+output: {{dir: {out}}}
+"""
+
+
+@pytest.mark.parametrize('name, last', [
+    ('test_spartan', '{kind: ptq_int8, backend: [x86_pt2e], calib_images: 32}'),
+    ('test_smt', '{kind: qat_int8, epochs: 1, lr: 0.0001, alpha: 0.5}'),
+])
+def test_seed_backbone_prune_distill_int8_chain(name, last, tmp_path):
+    """Each seed backbone goes through prune -> distill (feature KD over changed widths) -> int8, as its recipe."""
+    from accelerate import Accelerator
+
+    from compress.config import load_recipe
+    from compress.pipeline import run_recipe
+    path = tmp_path / 'r.yaml'
+    path.write_text(SEED_CHAIN.format(model=name, out=tmp_path / 'runs', last=last))
+    record = run_recipe(load_recipe(path), Accelerator(cpu=True))
+    rows = {s['name']: s for s in record['stages']}
+    int8 = 'ptq_int8[x86_pt2e]' if 'ptq' in last else 'qat_int8[x86_pt2e]'
+    assert list(rows) == ['baseline', 'prune', 'distill', int8]
+    assert rows['prune']['coverage']['macs_kept'] < 0.6
+    assert rows['prune']['metrics']['params_m'] < rows['baseline']['metrics']['params_m']
+    assert rows['distill']['metrics']['gmacs'] == rows['prune']['metrics']['gmacs']
+    assert rows[int8]['metrics']['quantized_weight_fraction'] == 1.0
+    assert rows[int8]['metrics']['precision'] == 'int8'
