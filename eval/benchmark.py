@@ -40,23 +40,32 @@ REFERENCE = {
 
 def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size: int | None = None,
                     backends=('x86_pt2e', 'openvino'), repeats: int = 3, min_seconds: float = 1.0,
-                    prune_ratio: float | None = None) -> dict:
+                    prune_ratio: float | None = None, prune_by: str = 'channels', round_to: int = 8) -> dict:
     """Params, MACs and img/s of every deployed form of one model; see the module docstring.
 
-    With ``prune_ratio`` the model is first pruned (group-norm importance, that channel ratio, the model's own
-    pruning rules) and every form is measured on the pruned model.
+    With ``prune_ratio`` the model is first pruned (group-norm importance, the model's own pruning rules) by that
+    fraction of its channels (``prune_by='channels'``) or of its MACs (``'macs'``, the channel ratio is searched);
+    every form is measured on the pruned model, and the dense model's fp32 compiled form in the same rounds, so
+    ``prune_speedup`` (pruned / dense, both fp32 compiled) compares like with like.
     """
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     size = input_size or (REFERENCE.get(name, (None,))[0] or model.pretrained_cfg['input_size'][-1])
     shape = (3, size, size)
     row = {'model': name, 'input': size}
+    dense = None
     if prune_ratio:
         from compress.config import PruneStage
         from compress.stages.prune import prune_model
-        dense_macs = count_macs(model, shape)
-        model, _ = prune_model(model, PruneStage(ratio=prune_ratio), prune_ratio, torch.randn(2, *shape))
-        row.update(pruned=prune_ratio, macs_kept=round(count_macs(model, shape) / dense_macs, 3))
+        dense, dense_macs = model, count_macs(model, shape)
+        amount = dict(target_macs=1 - prune_ratio) if prune_by == 'macs' else dict(ratio=prune_ratio)
+        stage = PruneStage(round_to=round_to or None, **amount)
+        if prune_by == 'macs':
+            from compress.stages.prune import search_ratio
+            model, _, _ = search_ratio(model, stage, torch.randn(2, *shape), None, shape, dense_macs)
+        else:
+            model, _ = prune_model(model, stage, prune_ratio, torch.randn(2, *shape))
+        row.update(pruned=prune_ratio, pruned_by=prune_by, macs_kept=round(count_macs(model, shape) / dense_macs, 3))
     row.update(params_m=round(count_params(model) / 1e6, 3), gmacs=round(count_macs(model, shape) / 1e9, 3))
     if name in REFERENCE and not prune_ratio:
         _, row['paper_params_m'], row['paper_gmacs'], row['notes_params_m'], row['notes_gmacs'] = REFERENCE[name]
@@ -66,6 +75,8 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
                'fp32_compiled': TorchRunner(model, compiled=True, label='fp32')}
     if has_deploy_form(model):  # the fused form the int8 paths start from, so its gain is shown apart
         runners['fp32_deploy_compiled'] = TorchRunner(deploy, compiled=True, label='fp32 deploy')
+    if dense is not None:
+        runners['dense_fp32_compiled'] = TorchRunner(deploy_form(dense), compiled=True, label='dense fp32')
     if 'x86_pt2e' in backends:
         graph, coverage = quantize_x86_pt2e(deploy, calib)
         runners['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
@@ -87,6 +98,9 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
                 row[f'{label}_speedup_bs{batch}'] = round(row[f'{label}_bs{batch}'] / compiled, 2)
         if f'pt2e_int8_bs{batch}' in row:
             row[f'pt2e_int8_vs_deploy_fp32_bs{batch}'] = round(row[f'pt2e_int8_bs{batch}'] / deployed, 2)
+        if dense is not None:
+            pruned = row.get(f'fp32_deploy_compiled_bs{batch}', compiled)
+            row[f'prune_speedup_bs{batch}'] = round(pruned / row[f'dense_fp32_compiled_bs{batch}'], 2)
         if f'ov_int8_bs{batch}' in row:
             row[f'ov_int8_vs_ov_fp32_bs{batch}'] = round(row[f'ov_int8_bs{batch}'] / row[f'ov_fp32_bs{batch}'], 2)
     return row
@@ -102,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--prune', type=float, nargs='*', default=[],
                         help='also measure the model pruned at these channel ratios (e.g. 0.3 0.5)')
+    parser.add_argument('--prune-by', choices=['channels', 'macs'], default='channels',
+                        help='--prune ratios remove this fraction of channels, or of MACs (ratio searched)')
+    parser.add_argument('--round-to', type=int, default=8, help='pruned widths in multiples of this (0: any width)')
     parser.add_argument('--json', help='also write the rows to this file')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
@@ -112,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for ratio in [None, *args.prune]:
             rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats,
-                                        prune_ratio=ratio))
+                                        prune_ratio=ratio, prune_by=args.prune_by,
+                                        round_to=args.round_to))
             print(json.dumps(rows[-1]), flush=True)
-    columns = ['model', 'input', 'pruned', 'macs_kept', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
+    columns = ['model', 'input', 'pruned', 'pruned_by', 'macs_kept', 'params_m', 'paper_params_m', 'notes_params_m', 'gmacs', 'paper_gmacs', 'notes_gmacs']
     for batch in args.batch:
         columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'fp32_deploy_compiled_speedup_bs{batch}',
-                    f'pt2e_int8_speedup_bs{batch}', f'pt2e_int8_vs_deploy_fp32_bs{batch}',
+                    f'prune_speedup_bs{batch}', f'pt2e_int8_speedup_bs{batch}', f'pt2e_int8_vs_deploy_fp32_bs{batch}',
                     f'ov_int8_speedup_bs{batch}', f'ov_int8_vs_ov_fp32_bs{batch}']
     columns = [c for c in columns if any(c in row for row in rows)]
     print(tabulate([[row.get(c, '') for c in columns] for row in rows], columns, tablefmt='github'))

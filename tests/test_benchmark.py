@@ -21,6 +21,13 @@ def test_benchmark_of_a_pruned_model():
                           backends=('x86_pt2e',), prune_ratio=0.5)
     # round_to=8 on 8-channel layers keeps them: only the wider inner channels go
     assert row['pruned'] == 0.5 and row['macs_kept'] < 0.8 and row['pt2e_int8_weights'] == 1.0
+    assert row['prune_speedup_bs4'] == round(row['fp32_compiled_bs4'] / row['dense_fp32_compiled_bs4'], 2)
+
+
+def test_benchmark_prunes_by_macs():
+    row = benchmark_model('resnet20_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05,
+                          backends=(), prune_ratio=0.5, prune_by='macs', round_to=0)
+    assert row['pruned_by'] == 'macs' and abs(row['macs_kept'] - 0.5) <= 0.01
 
 
 def test_a_model_with_a_deploy_form_gets_its_own_fp32_row():

@@ -41,9 +41,9 @@ def test_pruning_dead_channels_keeps_the_function():
 
 def test_target_macs_is_searched():
     model = timm.create_model('resnet20_cifar').eval()
-    from compress.stages.prune import _search_ratio
+    from compress.stages.prune import search_ratio
     cfg = PruneStage(target_macs=0.7, round_to=None)
-    pruned, ratio, _ = _search_ratio(model, cfg, torch.randn(2, 3, 32, 32), None, (3, 32, 32),
+    pruned, ratio, _ = search_ratio(model, cfg, torch.randn(2, 3, 32, 32), None, (3, 32, 32),
                                      count_macs(model, (3, 32, 32)))
     assert count_macs(pruned, (3, 32, 32)) / count_macs(model, (3, 32, 32)) == pytest.approx(0.7, abs=0.01)
     assert 0.2 < ratio < 0.4  # inner channels only: block MACs scale with (1 - ratio)

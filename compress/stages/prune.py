@@ -30,7 +30,7 @@ from compress.deploy import float_runner
 from compress.stages.base import StageContext, StageResult
 from eval.complexity import count_macs, count_params
 
-__all__ = ['PruningSpec', 'IMPORTANCE_FACTORIES', 'pruning_spec', 'prune_model', 'apply_prune']
+__all__ = ['PruningSpec', 'IMPORTANCE_FACTORIES', 'pruning_spec', 'prune_model', 'search_ratio', 'apply_prune']
 
 IMPORTANCE_FACTORIES: dict[str, Callable[[], tp.importance.Importance]] = {
     'magnitude': lambda: tp.importance.MagnitudeImportance(p=1),
@@ -141,7 +141,7 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
     return model.eval(), spec
 
 
-def _search_ratio(model, cfg, example, grad_batches, input_size, macs_before) -> tuple[nn.Module, float, PruningSpec]:
+def search_ratio(model, cfg, example, grad_batches, input_size, macs_before) -> tuple[nn.Module, float, PruningSpec]:
     """Bisect the channel ratio until the pruned model keeps ``target_macs`` of the MACs (within 1 %)."""
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
@@ -173,7 +173,7 @@ def apply_prune(cfg: PruneStage, model: nn.Module, ctx: StageContext) -> list[St
         pruned, spec = prune_model(model, cfg, cfg.ratio, example, grad_batches)
         ratio = cfg.ratio
     else:
-        pruned, ratio, spec = _search_ratio(model, cfg, example, grad_batches, ctx.input_size, macs_before)
+        pruned, ratio, spec = search_ratio(model, cfg, example, grad_batches, ctx.input_size, macs_before)
     macs_after, params_after = count_macs(pruned, ctx.input_size), count_params(pruned)
     coverage = {
         'importance': cfg.importance, 'channel_ratio': round(ratio, 4), 'global': cfg.global_pruning,
