@@ -283,8 +283,11 @@ def _train_transform(data_config: dict, augment: str, eval_tf):
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    # workers start from a fresh server process: forking a process in which OpenVINO's or inductor's thread pools
+    # already run can leave a worker with a held lock, and it crashed once that way
+    context = 'forkserver' if workers > 0 else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False, multiprocessing_context=context)
 
 
 def calibration_batches(dataset: Dataset, count: int, batch_size: int, workers: int, seed: int = 0):

@@ -52,3 +52,19 @@ def test_hf_parquet_splits_and_separate_calibration(shared_data):
     assert bundle.num_classes == 10 and len(bundle.eval) == 100 and len(bundle.calib) == 50000
     image, label, index = bundle.eval[3]
     assert image.size == (32, 32) and 0 <= label < 10 and index == 3
+
+
+def test_worker_processes_give_the_in_process_batches(shared_data):
+    """Loaders with workers start them from a fork server (safe after OpenVINO / inductor threads exist)."""
+    import torch
+    from torchvision import transforms
+
+    from compress.data import make_loader
+    data = ImageFolderByWnid(shared_data / 'imagenet-val-subset')
+    data.transform = transforms.Compose([transforms.Resize(40), transforms.CenterCrop(32), transforms.ToTensor()])
+    subset = torch.utils.data.Subset(data, range(12))
+    loader = make_loader(subset, 4, workers=2, shuffle=True, seed=3)
+    assert loader.multiprocessing_context.get_start_method() == 'forkserver'
+    in_process = list(make_loader(subset, 4, workers=0, shuffle=True, seed=3))
+    for (images, labels, _), (expected_images, expected_labels, _) in zip(loader, in_process, strict=True):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
