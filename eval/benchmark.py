@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--prune-by', choices=['channels', 'macs'], default='channels',
                         help='--prune ratios remove this fraction of channels, or of MACs (ratio searched)')
     parser.add_argument('--round-to', type=int, default=8, help='pruned widths in multiples of this (0: any width)')
+    parser.add_argument('--pruned-only', action='store_true',
+                        help='with --prune: skip the dense row (pruned rows still time the dense fp32 model)')
     parser.add_argument('--json', help='also write the rows to this file')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name in args.models:
-        for ratio in [None, *args.prune]:
+        for ratio in ([] if args.pruned_only and args.prune else [None]) + args.prune:
             rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats,
                                         prune_ratio=ratio, prune_by=args.prune_by,
                                         round_to=args.round_to))
