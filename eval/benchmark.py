@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import timm
@@ -86,11 +87,16 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
         ov_model, coverage = quantize_openvino(deploy, calib, transformer=False)
         runners['ov_int8'] = OpenVINORunner(ov_model, 'int8', precision='f32', threads=threads)
         row['ov_int8_weights'] = coverage['quantized_weight_fraction']
-    # interleave: every form at one batch size, then the next, so load changes hit all forms alike
+    # round robin: each round times every form once, so a change of load on a shared machine hits all forms
+    # alike; a form's figure is its median round
     for batch in batch_sizes:
-        for label, runner in runners.items():
-            row[f'{label}_bs{batch}'] = measure_cpu(runner, shape, batch, threads=threads, warmup=2,
-                                                    repeats=repeats, min_seconds=min_seconds)['img_s']
+        rounds = {label: [] for label in runners}
+        for index in range(repeats):
+            for label, runner in runners.items():
+                rounds[label].append(measure_cpu(runner, shape, batch, threads=threads, warmup=2 if index == 0 else 0,
+                                                 repeats=1, min_seconds=min_seconds)['img_s'])
+        for label, rates in rounds.items():
+            row[f'{label}_bs{batch}'] = round(statistics.median(rates), 2)
         compiled = row[f'fp32_compiled_bs{batch}']
         deployed = row.get(f'fp32_deploy_compiled_bs{batch}', compiled)
         for label in ('fp32_deploy_compiled', 'pt2e_int8', 'ov_int8'):
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--input-size', type=int)
     parser.add_argument('--backends', nargs='+', default=['x86_pt2e', 'openvino'])
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=3, help='round-robin rounds over all forms; medians reported')
     parser.add_argument('--prune', type=float, nargs='*', default=[],
                         help='also measure the model pruned at these channel ratios (e.g. 0.3 0.5)')
     parser.add_argument('--prune-by', choices=['channels', 'macs'], default='channels',
