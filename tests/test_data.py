@@ -54,17 +54,30 @@ def test_hf_parquet_splits_and_separate_calibration(shared_data):
     assert image.size == (32, 32) and 0 <= label < 10 and index == 3
 
 
-def test_worker_processes_give_the_in_process_batches(shared_data):
-    """Loaders with workers start them from a fork server (safe after OpenVINO / inductor threads exist)."""
-    import torch
-    from torchvision import transforms
+WORKER_CHECK = """
+import sys, torch
+from torchvision import transforms
+from compress.data import ImageFolderByWnid, make_loader
+data = ImageFolderByWnid(sys.argv[1])
+data.transform = transforms.Compose([transforms.Resize(40), transforms.CenterCrop(32), transforms.ToTensor()])
+subset = torch.utils.data.Subset(data, range(12))
+loader = make_loader(subset, 4, workers=2, shuffle=True, seed=3)
+assert loader.multiprocessing_context.get_start_method() == 'forkserver'
+in_process = list(make_loader(subset, 4, workers=0, shuffle=True, seed=3))
+for (images, labels, _), (expected_images, expected_labels, _) in zip(loader, in_process, strict=True):
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+print('same batches')
+"""
 
-    from compress.data import make_loader
-    data = ImageFolderByWnid(shared_data / 'imagenet-val-subset')
-    data.transform = transforms.Compose([transforms.Resize(40), transforms.CenterCrop(32), transforms.ToTensor()])
-    subset = torch.utils.data.Subset(data, range(12))
-    loader = make_loader(subset, 4, workers=2, shuffle=True, seed=3)
-    assert loader.multiprocessing_context.get_start_method() == 'forkserver'
-    in_process = list(make_loader(subset, 4, workers=0, shuffle=True, seed=3))
-    for (images, labels, _), (expected_images, expected_labels, _) in zip(loader, in_process, strict=True):
-        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+def test_worker_processes_give_the_in_process_batches(shared_data):
+    """Loaders with workers start them from a fork server (safe after OpenVINO / inductor threads exist).
+
+    Run in a fresh interpreter: a fork server left running in the test process makes later plain forks (the
+    2-process evaluation test's launcher) crash.
+    """
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, '-c', WORKER_CHECK, str(shared_data / 'imagenet-val-subset')],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'same batches' in result.stdout, result.stderr[-2000:]
