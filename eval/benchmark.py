@@ -114,7 +114,7 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('models', nargs='+')
+    parser.add_argument('models', nargs='*')
     parser.add_argument('--batch', type=int, nargs='+', default=[1, 32])
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--input-size', type=int)
@@ -128,12 +128,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--pruned-only', action='store_true',
                         help='with --prune: skip the dense row (pruned rows still time the dense fp32 model)')
     parser.add_argument('--json', help='also write the rows to this file')
+    parser.add_argument('--from-json', help='print the table of rows saved by --json, measuring nothing')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
     if unknown:
         print(f'error: unknown model {unknown[0]!r}; see timm.list_models()', file=sys.stderr)
         return 2
+    if not args.models and not args.from_json:
+        print('error: name at least one model, or pass --from-json FILE', file=sys.stderr)
+        return 2
     rows = []
+    if args.from_json:
+        try:
+            with open(args.from_json) as handle:
+                rows = json.load(handle)
+        except (OSError, ValueError) as error:
+            print(f'error: --from-json: cannot read {args.from_json} ({error})', file=sys.stderr)
+            return 2
+        args.batch = sorted({int(key.rsplit('_bs', 1)[1]) for row in rows for key in row
+                             if key.startswith('fp32_compiled_bs')})
     for name in args.models:
         for ratio in ([] if args.pruned_only and args.prune else [None]) + args.prune:
             rows.append(benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.repeats,

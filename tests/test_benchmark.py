@@ -1,4 +1,6 @@
 """The benchmark command measures every deployed form in one process and reports int8 speedups."""
+import json
+
 from eval.benchmark import benchmark_model, main
 
 
@@ -36,3 +38,15 @@ def test_a_model_with_a_deploy_form_gets_its_own_fp32_row():
     assert row['fp32_deploy_compiled_bs2'] > 0
     assert row['fp32_deploy_compiled_speedup_bs2'] == round(row['fp32_deploy_compiled_bs2'] / row['fp32_compiled_bs2'], 2)
     assert row['pt2e_int8_vs_deploy_fp32_bs2'] == round(row['pt2e_int8_bs2'] / row['fp32_deploy_compiled_bs2'], 2)
+
+
+def test_table_from_saved_rows(tmp_path, capsys):
+    row = {'model': 'm', 'input': 32, 'params_m': 1.0, 'gmacs': 0.1, 'fp32_compiled_bs32': 10.0,
+           'pt2e_int8_speedup_bs32': 2.5}
+    (tmp_path / 'rows.json').write_text(json.dumps([row]))
+    assert main(['--from-json', str(tmp_path / 'rows.json')]) == 0
+    table = capsys.readouterr().out.splitlines()
+    cells = [[cell.strip() for cell in line.split('|')[1:-1]] for line in table]
+    assert cells[0] == ['model', 'input', 'params_m', 'gmacs', 'fp32_compiled_bs32', 'pt2e_int8_speedup_bs32']
+    assert cells[2] == ['m', '32', '1', '0.1', '10', '2.5']
+    assert main(['--from-json', str(tmp_path / 'missing.json')]) == 2
