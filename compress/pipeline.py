@@ -12,7 +12,7 @@ from compress.checkpoint import RunProgress, restore_metrics
 from compress.config import QUANTIZE_KINDS, TRAINING_KINDS, RecipeConfig
 from compress.data import attach_transforms, build_datasets, resolve_data_config
 from compress.deploy import float_runner, has_deploy_form
-from compress.factory import build_model
+from compress.factory import build_model, save_whole_model
 from compress.record import environment, git_hash
 from compress.stages import STAGES
 from compress.stages.base import StageContext, StageResult
@@ -116,16 +116,19 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         'wall_seconds': round(time.perf_counter() - started, 1),
     }
     if cfg.output.save_model:
-        record['final_model'] = _save_final_model(model, cfg)
+        record['final_model'] = _save_final_model(model, cfg, entries)
     progress.clear()
     return record
 
 
-def _save_final_model(model, cfg: RecipeConfig) -> str:
+def _save_final_model(model, cfg: RecipeConfig, entries: list[dict]) -> str:
     folder = Path(cfg.output.dir) / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f'{cfg.name}-final-{dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")}.pt'
-    torch.save(model, path)  # a whole module: pruned architectures cannot be rebuilt from a state dict
+    history = [{'name': e['name'], 'kind': e['kind'], 'backend': e['backend'], 'recipe': cfg.name}
+               for e in entries if e['kind'] != 'baseline']
+    # a model that was compressed by an earlier run keeps its earlier steps
+    save_whole_model(model, path, cfg.model.name, getattr(model, 'compress_history', []) + history)
     return str(path)
 
 

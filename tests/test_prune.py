@@ -111,3 +111,35 @@ def test_seed_backbone_prune_distill_int8_chain(name, last, tmp_path):
     assert rows['distill']['metrics']['gmacs'] == rows['prune']['metrics']['gmacs']
     assert rows[int8]['metrics']['quantized_weight_fraction'] == 1.0
     assert rows[int8]['metrics']['precision'] == 'int8'
+
+
+def test_pruned_model_is_saved_whole_and_reloaded_with_its_history(tmp_path):
+    """A pruned architecture cannot take a fresh model's state dict: the run saves the module, a recipe reloads it."""
+    from accelerate import Accelerator
+
+    from compress.config import load_recipe
+    from compress.pipeline import run_recipe
+    first = tmp_path / 'first.yaml'
+    first.write_text(f"""
+name: prune_and_save
+model: {{name: test_resnet_cifar}}
+data: {{source: synthetic, synthetic_eval: 64, synthetic_calib: 32, batch_size: 16, workers: 0}}
+stages: [{{kind: prune, ratio: 0.5, round_to: null}}]
+eval: {{throughput: false, compile: false}}
+output: {{dir: {tmp_path / 'runs'}, save_model: true}}
+""")
+    record = run_recipe(load_recipe(first), Accelerator(cpu=True))
+    saved = record['final_model']
+    with pytest.raises(RecipeError, match='is a whole model saved by a compress run; set model.whole_module=true'):
+        run_recipe(load_recipe(first, [f'model.checkpoint={saved}']), Accelerator(cpu=True))
+    again = run_recipe(load_recipe(first, [f'model.checkpoint={saved}', 'model.whole_module=true',
+                                           f'output.dir={tmp_path / "runs2"}']), Accelerator(cpu=True))
+    baseline = again['stages'][0]
+    assert baseline['metrics']['params_m'] == record['stages'][1]['metrics']['params_m']
+    assert baseline['metrics']['top1'] == record['stages'][1]['metrics']['top1']
+    assert 'stages it went through: prune' in ' '.join(baseline['notes'])
+    payload = torch.load(again['final_model'], weights_only=False)
+    assert [step['name'] for step in payload['history']] == ['prune', 'prune']
+    with pytest.raises(RecipeError, match='model.name: .* holds a test_resnet_cifar'):
+        run_recipe(load_recipe(first, [f'model.checkpoint={saved}', 'model.whole_module=true',
+                                       'model.name=resnet20_cifar']), Accelerator(cpu=True))
