@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='with --prune: skip the dense row (pruned rows still time the dense fp32 model)')
     parser.add_argument('--json', help='also write the rows to this file')
     parser.add_argument('--from-json', help='print the table of rows saved by --json, measuring nothing')
+    parser.add_argument('--columns', nargs='+', help='print only these columns (names as in the JSON rows)')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
     if unknown:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         columns += [f'fp32_eager_bs{batch}', f'fp32_compiled_bs{batch}', f'fp32_deploy_compiled_speedup_bs{batch}',
                     f'prune_speedup_bs{batch}', f'pt2e_int8_speedup_bs{batch}', f'pt2e_int8_vs_deploy_fp32_bs{batch}',
                     f'ov_int8_speedup_bs{batch}', f'ov_int8_vs_ov_fp32_bs{batch}']
-    columns = [c for c in columns if any(c in row for row in rows)]
+    columns = [c for c in (args.columns or columns) if any(c in row for row in rows)]
     print(tabulate([[row.get(c, '') for c in columns] for row in rows], columns, tablefmt='github'))
     if args.json:
         with open(args.json, 'w') as handle:

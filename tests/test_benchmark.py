@@ -49,4 +49,6 @@ def test_table_from_saved_rows(tmp_path, capsys):
     cells = [[cell.strip() for cell in line.split('|')[1:-1]] for line in table]
     assert cells[0] == ['model', 'input', 'params_m', 'gmacs', 'fp32_compiled_bs32', 'pt2e_int8_speedup_bs32']
     assert cells[2] == ['m', '32', '1', '0.1', '10', '2.5']
+    assert main(['--from-json', str(tmp_path / 'rows.json'), '--columns', 'model', 'pt2e_int8_speedup_bs32']) == 0
+    assert capsys.readouterr().out.splitlines()[2].replace(' ', '') == '|m|2.5|'
     assert main(['--from-json', str(tmp_path / 'missing.json')]) == 2
