@@ -28,6 +28,12 @@ class RecipeError(ValueError):
     """A recipe problem the user can fix; its message is one line that names the key and the fix."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line reports."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 def _require(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise RecipeError(f'{key}: {problem}')

@@ -38,13 +38,11 @@ def has_deploy_form(model: nn.Module) -> bool:
 
 
 def deploy_form(model: nn.Module) -> nn.Module:
-    """The inference form of ``model`` (a copy; same function): what the int8 stages quantize and ship.
-
-    Float rows are timed in this form too, so that an int8 speedup measures quantization, not the rewrite.
+    """The inference form of ``model``: a private copy in eval mode with every block's ``fuse()`` /
+    ``reparameterize()`` applied (timm's ``reparameterize_model``; same function). The quantization stages quantize
+    it, and float rows are timed in it too, so that an int8 speedup measures quantization, not the rewrite.
     """
     from timm.utils.model import reparameterize_model
-    if not has_deploy_form(model):
-        return model
     return reparameterize_model(copy.deepcopy(model).eval(), inplace=True)  # the caller's model keeps its mode
 
 

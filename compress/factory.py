@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import compress.models  # noqa: F401  (registers the project's models with timm)
-from compress.config import ModelConfig, RecipeError
+from compress.config import ModelConfig, RecipeError, first_line
 from compress.models.efficientnet_lite import (
     convert_lukemelas_state_dict, is_lukemelas_state_dict, resolve_package_weights,
 )
@@ -78,7 +78,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = _torch_load(path)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 160)
         raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
                           f'file?') from None
     if isinstance(state, dict) and SAVED_MODULE_KEY in state:
@@ -146,7 +146,7 @@ def load_whole_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, lis
     try:
         payload = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 160)
         raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete file written by '
                           f'output.save_model?') from None
     if not isinstance(payload, dict) or SAVED_MODULE_KEY not in payload:

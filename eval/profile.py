@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import compress.models  # noqa: F401  (registers the project's models with timm)
+from compress.deploy import deploy_form
 
 __all__ = ['profile_model', 'print_profile']
 
@@ -197,7 +198,7 @@ def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backe
     torch.manual_seed(0)
     model = (model or timm.create_model(model_name, **model_kwargs)).eval()
     if reparameterize:
-        model = timm.models.reparameterize_model(model)
+        model = deploy_form(model)
     images = torch.randn(batch, 3, input_size, input_size)
     calib = [torch.randn(max(2, min(batch, 8)), 3, input_size, input_size) for _ in range(calib_batches)]
     signatures = _layer_signatures(model, images)

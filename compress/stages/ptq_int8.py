@@ -19,12 +19,11 @@ import os
 import time
 
 import torch
-from timm.utils.model import reparameterize_model
 from torch import nn
 
-from compress.config import PtqInt8Stage
+from compress.config import PtqInt8Stage, first_line
 from compress.data import calibration_batches
-from compress.deploy import OpenVINORunner, TorchRunner, float_runner
+from compress.deploy import OpenVINORunner, TorchRunner, deploy_form, float_runner
 from compress.stages.base import StageContext, StageResult
 
 __all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'pt2e_coverage', 'openvino_coverage']
@@ -34,11 +33,6 @@ _WEIGHTED_ATEN_OPS = ('conv1d', 'conv2d', 'conv3d', 'linear', 'conv_transpose2d'
 _FLOAT_COMPUTE_OPS = ('conv1d', 'conv2d', 'linear', 'matmul', 'bmm', 'group_norm', 'layer_norm', 'batch_norm',
                       'softmax', '_softmax', 'scaled_dot_product_attention', 'argmax', 'gather', 'mul', 'add',
                       'gelu', 'silu', 'sigmoid', 'mean')
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def _has_attention(model: nn.Module) -> bool:
@@ -167,7 +161,7 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
     calib_count = sum(len(images) for images in calib)
     transformer = _has_attention(model) if cfg.transformer is None else cfg.transformer
     # deploy form: blocks with fuse()/reparameterize() (timm's convention) become the plain layers quantizers know
-    deploy_model = reparameterize_model(model)
+    deploy_model = deploy_form(model)
     results = []
     for backend in cfg.backend:
         references = {}
@@ -193,7 +187,7 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
             precision = 'int8' if coverage['quantized_weight_fraction'] > 0 else 'fp32'
         except Exception as error:  # capture or quantization failed: keep the float model and say why
             runner = float_runner(model, ctx.eval_cfg)
-            coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {_first_line(error)}'}
+            coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {first_line(error)}'}
             notes.append(f'{backend} failed, row is the float model: {coverage["failed"]}')
             precision = 'fp32'
         if coverage.get('not_quantized'):

@@ -11,12 +11,11 @@ from __future__ import annotations
 import time
 
 import torch
-from timm.utils.model import reparameterize_model
 from torch import nn
 
 from compress.config import QatInt8Stage
 from compress.data import calibration_batches
-from compress.deploy import TorchRunner
+from compress.deploy import TorchRunner, deploy_form
 from compress.stages.base import StageContext, StageResult
 from compress.stages.distill import DistillationObjective, _renormalization, build_teacher
 from compress.stages.ptq_int8 import pt2e_coverage
@@ -59,7 +58,7 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
     start = time.perf_counter()
-    deploy_model = reparameterize_model(model)
+    deploy_model = deploy_form(model)
     example = calibration_batches(ctx.data.train, 2, 2, 0, ctx.seed)[0]
     prepared = prepare_qat_x86(deploy_model, example)
     notes = []

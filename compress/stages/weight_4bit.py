@@ -54,13 +54,12 @@ import re
 import time
 
 import torch
-from timm.utils.model import reparameterize_model
 from torch import nn
 
-from compress.config import Weight4BitStage
-from compress.deploy import OpenVINORunner, TorchRunner, float_runner
+from compress.config import Weight4BitStage, first_line
+from compress.deploy import OpenVINORunner, TorchRunner, deploy_form, float_runner
 from compress.stages.base import StageContext, StageResult
-from compress.stages.ptq_int8 import _first_line, weight_constant
+from compress.stages.ptq_int8 import weight_constant
 
 __all__ = ['apply_weight_4bit', 'compress_openvino', 'openvino_weight_coverage', 'quantize_torchao_int4',
            'execution_order']
@@ -294,7 +293,7 @@ def _group_size_note(coverage: dict, requested: int) -> str | None:
 
 def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     example = torch.zeros(1, *ctx.input_size)
-    deploy_model = reparameterize_model(model)  # the plain layers the compressors know (timm fuse/reparameterize)
+    deploy_model = deploy_form(model)  # the plain layers the compressors know
     results = []
     for backend in cfg.backend:
         start = time.perf_counter()
@@ -351,7 +350,7 @@ def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext)
                 notes.append('no weight in 4 bit: the row is the float model')
         except Exception as error:  # unavailable config/kernel or a failed conversion: keep the float model
             runner = float_runner(model, ctx.eval_cfg)
-            coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {_first_line(error)}'}
+            coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {first_line(error)}'}
             notes.append(f'{backend} failed, row is the float model: {coverage["failed"]}')
             precision = 'fp32'
         if coverage.get('not_quantized'):
