@@ -2,7 +2,7 @@
 
 After every stage that leaves a float model (train, prune, distill), the model is saved as a whole module (a
 pruned model is a new architecture: a fresh model cannot take its state dict) together with the record entries
-so far. Re-running the same recipe (same model, data, stages and seed; eval and output settings may differ)
+so far; the models of earlier stages are kept, since the run times every stage's artifact at its end. Re-running the same recipe (same model, data, stages and seed; eval and output settings may differ)
 finds that progress and continues from there. Quantized results are not saved: the quantization stage is
 final, deterministic and re-run. The folder is removed when the run completes.
 """
@@ -46,23 +46,26 @@ class RunProgress:
         if not self.enabled or not path.is_file():
             return None
         state = json.loads(path.read_text())
-        return state if (self.dir / state['model_file']).is_file() else None
+        models = state.get('models', {})
+        return state if models and all((self.dir / file).is_file() for file in models.values()) else None
 
-    def restore_model(self, state: dict) -> nn.Module:
-        # our own file, written by save() below: a whole pickled module
-        return torch.load(self.dir / state['model_file'], map_location='cpu', weights_only=False).eval()
+    def restore_models(self, state: dict) -> dict[str, nn.Module]:
+        """The float model each finished stage left, by the name of its row."""
+        # our own files, written by save() below: whole pickled modules
+        return {name: torch.load(self.dir / file, map_location='cpu', weights_only=False).eval()
+                for name, file in state['models'].items()}
 
     def save(self, entries: list[dict], completed: int, before: str, model: nn.Module) -> None:
+        """Record the entries so far and the float model that stage ``completed`` left (row ``before``)."""
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        model_file = f'after-stage-{completed}.pt'
-        _atomic(self.dir / model_file, lambda handle: torch.save(model, handle), binary=True)
-        state = {'entries': entries, 'completed': completed, 'before': before, 'model_file': model_file}
+        previous = self.load()
+        models = dict(previous['models']) if previous else {}
+        models[before] = f'after-stage-{completed}.pt'
+        _atomic(self.dir / models[before], lambda handle: torch.save(model, handle), binary=True)
+        state = {'entries': entries, 'completed': completed, 'before': before, 'models': models}
         _atomic(self.dir / 'progress.json', lambda handle: handle.write(json.dumps(state, default=str)))
-        for old in self.dir.glob('after-stage-*.pt'):
-            if old.name != model_file:
-                old.unlink()
 
     def clear(self) -> None:
         if self.enabled and self.dir.exists():

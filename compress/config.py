@@ -292,19 +292,37 @@ STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'dis
                                   'weight_4bit': Weight4BitStage, 'export': ExportStage}
 QUANTIZE_KINDS = {'ptq_int8', 'qat_int8', 'weight_4bit'}
 TRAINING_KINDS = {'train', 'distill', 'qat_int8'}
+CONTROLS = ('finetune',)
+
+
+MEASURES = ('cpu', 'wall')
 
 
 @dataclass
 class EvalConfig:
+    """How a run's artifacts are measured. Speed is measured once, after the last stage, for every artifact in one
+    timing session (``eval.timing``): interleaved rounds, a ratio's interval from its per-round ratios, an A/A
+    control of the baseline timed twice."""
     accuracy: bool = True
     batch_size: int = field(default=32, metadata={'help': 'also the large throughput batch: one compiled shape'})
     throughput: bool = True
     throughput_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     threads: int = field(default=1, metadata={'help': 'CPU threads while timing (1: stable on shared machines)'})
-    warmup: int = 3
-    repeats: int = field(default=5, metadata={'help': 'timed repeats; the median is reported'})
-    min_seconds: float = field(default=0.5, metadata={'help': 'each repeat runs at least this long'})
-    eager: bool = field(default=True, metadata={'help': 'also time fp32 eager (cpu_img_s_bs*_eager)'})
+    rounds: int = field(default=7, metadata={
+        'help': 'interleaved timing rounds (each times every form once); 6+ gives a 95 % interval'})
+    min_seconds: float = field(default=0.3, metadata={'help': 'each form is timed at least this long per round'})
+    warmup: int = field(default=2, metadata={'help': 'calls of each form before the rounds'})
+    measure: str = field(default='cpu', metadata={
+        'help': 'what speed ratios divide: cpu (process CPU time: immune to time-slicing by other processes) or '
+                'wall'})
+    aa_tolerance: float = field(default=0.05, metadata={
+        'help': 'the A/A ratio (baseline timed twice) must lie within 1 +- this, or rounds are added'})
+    max_attempts: int = field(default=3, metadata={
+        'help': 'rounds are added up to this many times while the A/A control fails; then speedups are flagged'})
+    eager: bool = field(default=True, metadata={'help': 'also time the baseline in fp32 eager'})
+    bf16: bool = field(default=True, metadata={
+        'help': 'also evaluate and time the baseline compiled in bf16, the strongest float baseline on CPUs with '
+                'AVX512-BF16 / AMX'})
     compile: bool = field(default=True, metadata={
         'help': 'evaluate torch models as deployed (torch.compile); false runs them eagerly (quick tests only)'})
     bootstrap: int = field(default=1000, metadata={'help': 'bootstrap resamples for 95% intervals'})
@@ -314,7 +332,12 @@ class EvalConfig:
         _require(len(self.throughput_batch_sizes) > 0 and all(b > 0 for b in self.throughput_batch_sizes),
                  'eval.throughput_batch_sizes', 'must be a non-empty list of positive sizes')
         _require(self.threads > 0, 'eval.threads', 'must be positive')
-        _require(self.repeats > 0, 'eval.repeats', 'must be positive')
+        _require(self.rounds >= 3, 'eval.rounds', 'must be at least 3 (6 or more for a 95 % interval)')
+        _require(self.min_seconds > 0, 'eval.min_seconds', 'must be positive')
+        _require(self.warmup >= 1, 'eval.warmup', 'must be at least 1 (the first call compiles)')
+        _require(self.measure in MEASURES, 'eval.measure', f'must be one of {", ".join(MEASURES)}')
+        _require(0 < self.aa_tolerance < 1, 'eval.aa_tolerance', 'must be in (0, 1), e.g. 0.05')
+        _require(self.max_attempts >= 1, 'eval.max_attempts', 'must be at least 1')
         _require(self.bootstrap >= 100, 'eval.bootstrap', 'use at least 100 resamples')
 
 
@@ -332,11 +355,19 @@ class RecipeConfig:
     stages: list = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    controls: list[str] = field(default_factory=list, metadata={
+        'help': 'finetune: also train the uncompressed model with the recipe\'s training stages (same budget, data '
+                'and schedule) and report every row against it'})
     seed: int = 0
     description: str = ''
 
     def __post_init__(self):
         _require(bool(self.name) and '/' not in self.name, 'name', 'must be a non-empty name without "/"')
+        for control in self.controls:
+            _require(control in CONTROLS, 'controls', f'{control!r} is not one of {", ".join(CONTROLS)}')
+        if self.controls:
+            _require(any(stage.kind in TRAINING_KINDS for stage in self.stages), 'controls',
+                     'a finetune control needs a stage that trains (train, distill, qat_int8); drop controls')
         quantized_at = None
         for i, stage in enumerate(self.stages):
             if i > 0 and self.stages[i - 1].kind == 'export':

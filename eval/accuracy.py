@@ -9,15 +9,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from compress.data import make_loader
 from eval.stats import bootstrap_ci
 
 __all__ = ['evaluate_accuracy']
 
 
-def evaluate_accuracy(runner, dataset, accelerator, batch_size: int = 32, workers: int = 2,
-                      bootstrap: int = 1000, desc: str = 'eval') -> dict:
-    """Score a runner (any callable images → logits) on a data set of ``(image, label, index)``.
+def evaluate_accuracy(runner, loader, accelerator, bootstrap: int = 1000, desc: str = 'eval') -> dict:
+    """Score a runner (any callable images → logits) on a loader of ``(images, labels, indices)`` batches.
 
     Compiled runners have a ``fixed_batch``: a short last batch is padded up to it and the padding dropped.
 
@@ -25,7 +23,7 @@ def evaluate_accuracy(runner, dataset, accelerator, batch_size: int = 32, worker
         ``top1``, ``top5`` (in %), their 95 % bootstrap intervals, ``num_images`` and the per-image 0/1 vectors
         ``correct1`` / ``correct5`` in data-set index order.
     """
-    loader = accelerator.prepare_data_loader(make_loader(dataset, batch_size, workers))
+    loader = accelerator.prepare_data_loader(loader)
     fixed = getattr(runner, 'fixed_batch', None)
     indices, hits1, hits5 = [], [], []
     for images, labels, index in tqdm(loader, desc=desc, leave=False,

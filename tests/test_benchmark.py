@@ -1,16 +1,55 @@
-"""The benchmark command measures every deployed form in one process and reports int8 speedups."""
+"""compress.benchmark: every deployed form of a model timed in one session, speedups with intervals."""
 import json
 
-from eval.benchmark import benchmark_model, main
+import pytest
+
+from compress.benchmark import benchmark_model, main
+
+FAST = dict(rounds=3, min_seconds=0.02)
 
 
-def test_benchmark_row_has_every_form_and_ratios():
-    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05)
-    for form in ('fp32_eager', 'fp32_compiled', 'pt2e_int8', 'ov_fp32', 'ov_int8'):
-        assert row[f'{form}_bs4'] > 0
-    assert row['pt2e_int8_speedup_bs4'] == round(row['pt2e_int8_bs4'] / row['fp32_compiled_bs4'], 2)
-    assert row['pt2e_int8_weights'] == 1.0 and row['ov_int8_weights'] == 1.0
-    assert row['params_m'] == 0.019
+def is_interval(ratio) -> bool:
+    return isinstance(ratio, list) and len(ratio) == 3 and 0 < ratio[1] <= ratio[0] <= ratio[2]
+
+
+@pytest.mark.slow
+def test_benchmark_row_has_every_form_and_named_speedups():
+    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, **FAST)
+    for form in ('fp32_eager', 'fp32_deploy', 'bf16', 'pt2e_int8', 'ov_fp32', 'ov_int8'):
+        assert row[f'{form}_img_s_bs4'] > 0
+    assert 'fp32_compiled_img_s_bs4' not in row  # no deploy form: "as written" is the baseline itself
+    for key in ('aa_bs4', 'bf16_x_fp32_bs4', 'pt2e_int8_x_fp32_bs4', 'pt2e_int8_x_bf16_bs4', 'ov_int8_x_fp32_bs4',
+                'ov_int8_x_bf16_bs4', 'ov_int8_x_ov_fp32_bs4', 'fp32_eager_x_fp32_bs4'):
+        assert is_interval(row[key]), key
+    assert row['pt2e_int8_w8'] == 1.0 and row['ov_int8_w8'] == 1.0 and row['params_m'] == 0.019
+    assert row['nncf_model_type'] == 'default' and row['nncf_ignored_scope'] is False
+    timing = row['timing']
+    assert timing['control']['forms'] == ['fp32_deploy', 'fp32_deploy_aa'] and timing['load_after'] is not None
+    assert row['noisy'] == timing['noisy']
+
+
+@pytest.mark.slow
+def test_benchmark_of_a_pruned_model_times_the_dense_one_in_the_same_rounds():
+    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, backends=('x86_pt2e',),
+                          prune_ratio=0.5, **FAST)
+    # round_to=8 on 8-channel layers keeps them: only the wider inner channels go
+    assert row['pruned'] == 0.5 and row['macs_kept'] < 0.8 and row['pt2e_int8_w8'] == 1.0
+    assert is_interval(row['prune_x_dense_bs4']) and is_interval(row['pt2e_int8_x_dense_bs4'])
+    assert row['prune_efficiency_bs4'] == pytest.approx(row['prune_x_dense_bs4'][0] * row['macs_kept'], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_benchmark_prunes_by_macs():
+    row = benchmark_model('resnet20_cifar', batch_sizes=(4,), input_size=32, backends=(), prune_ratio=0.5,
+                          prune_by='macs', round_to=0, **FAST)
+    assert row['pruned_by'] == 'macs' and abs(row['macs_kept'] - 0.5) <= 0.01
+
+
+@pytest.mark.slow
+def test_a_model_with_a_deploy_form_is_also_timed_as_written():
+    row = benchmark_model('test_spartan', batch_sizes=(2,), input_size=64, backends=('openvino',), **FAST)
+    assert row['fp32_compiled_img_s_bs2'] > 0 and is_interval(row['fp32_compiled_x_fp32_bs2'])
+    assert row['nncf_ignored_scope'] is True and row['nncf_model_type'] == 'default'  # the family's NNCF settings
 
 
 def test_unknown_model_is_one_line(capsys):
@@ -18,37 +57,19 @@ def test_unknown_model_is_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: unknown model 'no_such_model'; see timm.list_models()"
 
 
-def test_benchmark_of_a_pruned_model():
-    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05,
-                          backends=('x86_pt2e',), prune_ratio=0.5)
-    # round_to=8 on 8-channel layers keeps them: only the wider inner channels go
-    assert row['pruned'] == 0.5 and row['macs_kept'] < 0.8 and row['pt2e_int8_weights'] == 1.0
-    assert row['prune_speedup_bs4'] == round(row['fp32_compiled_bs4'] / row['dense_fp32_compiled_bs4'], 2)
-
-
-def test_benchmark_prunes_by_macs():
-    row = benchmark_model('resnet20_cifar', batch_sizes=(4,), input_size=32, repeats=1, min_seconds=0.05,
-                          backends=(), prune_ratio=0.5, prune_by='macs', round_to=0)
-    assert row['pruned_by'] == 'macs' and abs(row['macs_kept'] - 0.5) <= 0.01
-
-
-def test_a_model_with_a_deploy_form_gets_its_own_fp32_row():
-    row = benchmark_model('test_spartan', batch_sizes=(2,), input_size=64, repeats=1, min_seconds=0.05,
-                          backends=('x86_pt2e',))
-    assert row['fp32_deploy_compiled_bs2'] > 0
-    assert row['fp32_deploy_compiled_speedup_bs2'] == round(row['fp32_deploy_compiled_bs2'] / row['fp32_compiled_bs2'], 2)
-    assert row['pt2e_int8_vs_deploy_fp32_bs2'] == round(row['pt2e_int8_bs2'] / row['fp32_deploy_compiled_bs2'], 2)
-
-
 def test_table_from_saved_rows(tmp_path, capsys):
-    row = {'model': 'm', 'input': 32, 'params_m': 1.0, 'gmacs': 0.1, 'fp32_compiled_bs32': 10.0,
-           'pt2e_int8_speedup_bs32': 2.5}
-    (tmp_path / 'rows.json').write_text(json.dumps([row]))
+    row = {'model': 'm', 'input': 32, 'params_m': 1.0, 'gmacs': 0.1, 'fp32_deploy_img_s_bs32': 10.0,
+           'aa_bs32': [1.0, 0.98, 1.03], 'pt2e_int8_x_fp32_bs32': [2.5, 2.4, 2.61]}
+    (tmp_path / 'rows.json').write_text(json.dumps({'meta': {'git_hash': 'abc'}, 'rows': [row]}))
     assert main(['--from-json', str(tmp_path / 'rows.json')]) == 0
     table = capsys.readouterr().out.splitlines()
     cells = [[cell.strip() for cell in line.split('|')[1:-1]] for line in table]
-    assert cells[0] == ['model', 'input', 'params_m', 'gmacs', 'fp32_compiled_bs32', 'pt2e_int8_speedup_bs32']
-    assert cells[2] == ['m', '32', '1', '0.1', '10', '2.5']
-    assert main(['--from-json', str(tmp_path / 'rows.json'), '--columns', 'model', 'pt2e_int8_speedup_bs32']) == 0
-    assert capsys.readouterr().out.splitlines()[2].replace(' ', '') == '|m|2.5|'
+    assert cells[0] == ['model', 'input', 'params_m', 'gmacs', 'fp32_deploy_img_s_bs32', 'aa_bs32',
+                        'pt2e_int8_x_fp32_bs32']
+    assert cells[2] == ['m', '32', '1', '0.1', '10', '1.00 [0.98, 1.03]', '2.50 [2.40, 2.61]']
+    assert main(['--from-json', str(tmp_path / 'rows.json'), '--columns', 'model', 'pt2e_int8_x_fp32_bs32']) == 0
+    assert capsys.readouterr().out.splitlines()[2].replace(' ', '') == '|m|2.50[2.40,2.61]|'
     assert main(['--from-json', str(tmp_path / 'missing.json')]) == 2
+    (tmp_path / 'old.json').write_text(json.dumps([row]))  # rows without the metadata: refused
+    assert main(['--from-json', str(tmp_path / 'old.json')]) == 2
+    assert 'give a file written by --json' in capsys.readouterr().err

@@ -1,14 +1,13 @@
-"""Evaluator: exact accuracy, padding for compiled shapes, 2-process gathering, intervals, throughput fields."""
+"""Evaluator: exact accuracy, padding for compiled shapes, 2-process gathering, intervals, coverage of artifacts."""
 import json
-import os
 
 import numpy as np
 import torch
 from accelerate import Accelerator, debug_launcher
+from torch.utils.data import DataLoader
 
 from eval.accuracy import evaluate_accuracy
 from eval.stats import bootstrap_ci, pack_bits, paired_delta_ci, unpack_bits
-from eval.throughput import measure_cpu
 
 
 class Labelled(torch.utils.data.Dataset):
@@ -36,7 +35,7 @@ def expected_correct() -> np.ndarray:
 
 
 def test_accuracy_is_exact_and_in_index_order():
-    result = evaluate_accuracy(PixelModel(), Labelled(), Accelerator(cpu=True), batch_size=5, workers=0)
+    result = evaluate_accuracy(PixelModel(), DataLoader(Labelled(), batch_size=5), Accelerator(cpu=True))
     assert result['num_images'] == 37
     assert np.array_equal(result['correct1'], expected_correct())
     assert result['top1'] == round(100 * expected_correct().mean(), 2)
@@ -56,7 +55,7 @@ def test_short_last_batch_is_padded_for_fixed_shape_runners():
             seen.append(images.shape[0])
             return super().__call__(images)
 
-    result = evaluate_accuracy(FixedShape(), Labelled(), Accelerator(cpu=True), batch_size=8, workers=0)
+    result = evaluate_accuracy(FixedShape(), DataLoader(Labelled(), batch_size=8), Accelerator(cpu=True))
     assert set(seen) == {8} and result['num_images'] == 37
 
 
@@ -64,7 +63,7 @@ def _two_process_eval(out_path):
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that already had one
     accelerator = Accelerator(cpu=True)
-    result = evaluate_accuracy(PixelModel(), Labelled(), accelerator, batch_size=4, workers=0)
+    result = evaluate_accuracy(PixelModel(), DataLoader(Labelled(), batch_size=4), accelerator)
     if accelerator.is_main_process:
         with open(out_path, 'w') as handle:
             json.dump({'processes': accelerator.num_processes, 'num_images': result['num_images'],
@@ -92,11 +91,9 @@ def test_intervals():
     assert np.array_equal(unpack_bits(pack_bits(correct), 1000), correct)
 
 
-def test_cpu_throughput_fields_and_thread_restore():
-    from compress.deploy import TorchRunner
-    before = torch.get_num_threads()
-    runner = TorchRunner(torch.nn.Conv2d(3, 8, 3), compiled=False, label='fp32')
-    measured = measure_cpu(runner, (3, 16, 16), batch_size=2, threads=1, warmup=1, repeats=3, min_seconds=0.01)
-    assert measured['img_s'] > 0 and measured['latency_ms'] > 0 and measured['spread'] >= 0
-    assert torch.get_num_threads() == before
-    assert os.cpu_count() >= 1
+def test_coverage_reads_the_artifact_not_the_intent():
+    from eval.coverage import weight_coverage
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 32))
+    coverage = weight_coverage(model)
+    assert coverage['float_weight_fraction'] == 1.0 and coverage['int8_weight_fraction'] == 0.0
+    assert coverage['weight_elements'] == 3 * 4 * 9 + 64 * 32 and coverage['layer_counts']['float'] == 2

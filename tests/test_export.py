@@ -19,11 +19,12 @@ import timm
 import torch
 
 from compress.config import DataConfig, EvalConfig, ExportStage
-from compress.deploy import OpenVINORunner, TorchRunner
 from compress.stages import STAGES
 from compress.stages.base import StageContext, StageResult
-from compress.stages.export import FileRunner, apply_export
-from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+from compress.stages.export import apply_export
+from compress.stages.ptq_int8 import nncf_settings, quantize_openvino, quantize_x86_pt2e
+from eval.coverage import weight_coverage
+from eval.runtimes import OpenVINORunner
 
 FLOAT_ATOL = 1e-4
 QDQ_MARGIN_DB = 3.0
@@ -42,7 +43,12 @@ def make_ctx(source: StageResult, input_size, out_dir) -> StageContext:
 
 
 def float_source(model) -> StageResult:
-    return StageResult('baseline', 'baseline', TorchRunner(model, compiled=False, label='fp32'), model, model)
+    return StageResult('baseline', 'baseline', model, model, model)
+
+
+def run(result):
+    """The exported file as the evaluator runs it."""
+    return OpenVINORunner(result.artifact, result.name, files=result.files)
 
 
 def outputs(fn, batches):
@@ -65,17 +71,14 @@ def batches():
 def check_rows(results, source: StageResult, formats):
     assert [r.name for r in results] == [f'export[{fmt}]' for fmt in formats]
     for result, fmt in zip(results, formats):
-        assert result.kind == 'export' and result.next_model is None
-        assert result.precision == source.precision and result.float_model is source.float_model
-        coverage = result.coverage
-        assert coverage['format'] == fmt and coverage['source'] == source.name
-        assert all(os.path.isfile(f) for f in coverage['files'])
-        assert coverage['file'].endswith('.onnx' if fmt == 'onnx' else '.xml')
-        assert coverage['bytes'] == sum(os.path.getsize(f) for f in coverage['files']) > 0
-        assert isinstance(result.runner, FileRunner)
-        assert result.runner.size_mb() == pytest.approx(coverage['bytes'] / 1e6)
-        assert result.runner.for_threads(1).size_mb() == result.runner.size_mb()
-        assert result.runner.precision == 'f32'
+        assert result.kind == 'export' and result.next_model is None and result.failed is None
+        assert result.float_model is source.float_model
+        info = result.info
+        assert info['format'] == fmt and info['source'] == source.name and result.files == info['files']
+        assert all(os.path.isfile(f) for f in info['files'])
+        assert info['file'].endswith('.onnx' if fmt == 'onnx' else '.xml')
+        assert info['bytes'] == sum(os.path.getsize(f) for f in info['files']) > 0
+        assert run(result).size_mb() == pytest.approx(info['bytes'] / 1e6)
 
 
 def test_registered():
@@ -90,13 +93,16 @@ def test_float_cnn_onnx_and_ir(cnn, batches, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['baseline.bin', 'baseline.onnx', 'baseline.xml']
     expected = outputs(model, batches)
     for result in results:
-        assert result.coverage['max_abs_diff_vs_source'] < FLOAT_ATOL
-        assert result.coverage['runtime_precisions'] == {'f32': 8}  # f32 hint: no silent bf16
-        for want, got in zip(expected, outputs(result.runner, batches)):  # batch 1 and 5: dynamic batch
+        assert result.info['max_abs_diff_vs_source'] < FLOAT_ATOL
+        runner = run(result)
+        assert {p: len(n) for p, n in runner.runtime_precisions().items()} == {'f32': 8}  # f32 hint: no silent bf16
+        for want, got in zip(expected, outputs(runner, batches)):  # batch 1 and 5: dynamic batch
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=FLOAT_ATOL, rtol=0)
     # the IR keeps fp32 weights (compress_to_fp16=False): 18968 weights take at least 4 bytes each
-    assert results[1].coverage['weight_element_types'] == {'f32': 18968}
+    coverage = weight_coverage(results[1].artifact)
+    assert coverage['float_weight_elements'] == coverage['weight_elements'] == 18968
+    assert results[1].info['bytes'] > 4 * 18968
 
 
 def test_float_vit_onnx(tmp_path):
@@ -105,44 +111,43 @@ def test_float_vit_onnx(tmp_path):
     source = float_source(model)
     (result,) = apply_export(ExportStage(formats=['onnx']), model, make_ctx(source, (3, 224, 224), tmp_path))
     check_rows([result], source, ['onnx'])
-    onnx_model = onnx.load(result.coverage['file'])
+    onnx_model = onnx.load(result.info['file'])
     assert onnx_model.opset_import[0].version >= 17
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dim
     generator = torch.Generator().manual_seed(1)
     images = [torch.randn(1, 3, 224, 224, generator=generator), torch.randn(5, 3, 224, 224, generator=generator)]
-    for want, got in zip(outputs(model, images), outputs(result.runner, images)):
+    for want, got in zip(outputs(model, images), outputs(run(result), images)):
         torch.testing.assert_close(got, want, atol=FLOAT_ATOL, rtol=0)
 
 
 def test_after_openvino_int8_writes_ir_and_notes_onnx(cnn, batches, tmp_path):
     model, calib = cnn
-    ov_model, coverage = quantize_openvino(model, calib, transformer=False)
-    source = StageResult('ptq_int8[openvino]', 'ptq_int8', OpenVINORunner(ov_model, 'int8', threads=1), model, None,
-                         precision='int8', backend='openvino', coverage=coverage)
+    ov_model, _ = quantize_openvino(model, calib, nncf_settings(model, CIFAR))
+    source = StageResult('ptq_int8[openvino]', 'ptq_int8', ov_model, model, None, backend='openvino')
     (result,) = apply_export(ExportStage(), model, make_ctx(source, CIFAR, tmp_path))
     check_rows([result], source, ['openvino'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ptq_int8_openvino.bin', 'ptq_int8_openvino.xml']
     assert any('onnx not written' in note and 'cannot write' in note for note in result.notes)
-    assert result.coverage['quantized_weight_fraction'] == 1.0
-    assert set(result.coverage['runtime_precisions']) == {'u8'}
-    for want, got in zip(outputs(source.runner, batches), outputs(result.runner, batches)):
+    assert weight_coverage(result.artifact)['int8_weight_fraction'] == 1.0
+    assert set(run(result).runtime_precisions()) == {'u8'}
+    for want, got in zip(outputs(OpenVINORunner(ov_model, 'int8'), batches), outputs(run(result), batches)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # the same graph on the same plugin
 
-    # ONNX alone cannot be written: one row re-measures the source, says so, and nothing is written
+    # ONNX alone cannot be written: no row, the reason, and nothing on disk
     (only,) = apply_export(ExportStage(formats=['onnx']), model, make_ctx(source, CIFAR, tmp_path / 'onnx'))
-    assert only.name == 'export[onnx]' and only.coverage['file'] is None and only.runner is source.runner
-    assert 'nothing was written' in only.notes[0] and not any((tmp_path / 'onnx').iterdir())
+    assert only.name == 'export[onnx]' and only.artifact is None and only.files is None
+    assert only.failed.startswith('nothing was written: onnx not written') and not any((tmp_path / 'onnx').iterdir())
 
 
 def test_after_pt2e_int8_writes_qdq_onnx_and_ir(cnn, tmp_path):
     model, calib = cnn
     batches = [calib[0][:1], calib[1][:5]]  # in the calibrated range (random normals saturate the quantizers)
-    graph, coverage = quantize_x86_pt2e(model, calib)
-    source = StageResult('ptq_int8[x86_pt2e]', 'ptq_int8', TorchRunner(graph, compiled=False, label='int8'), model,
-                         None, precision='int8', backend='x86_pt2e', coverage=coverage)
+    graph = quantize_x86_pt2e(model, calib)
+    coverage = weight_coverage(graph)
+    source = StageResult('ptq_int8[x86_pt2e]', 'ptq_int8', graph, model, None, backend='x86_pt2e')
     results = apply_export(ExportStage(), model, make_ctx(source, CIFAR, tmp_path))
     check_rows(results, source, ['onnx', 'openvino'])
-    onnx_model = onnx.load(results[0].coverage['file'])
+    onnx_model = onnx.load(results[0].info['file'])
     ops = {node.op_type for node in onnx_model.graph.node}
     assert {'QuantizeLinear', 'DequantizeLinear'} <= ops
     # the weights ship as int8 initializers (the 1-d int8 ones are the per-channel zero points)
@@ -155,9 +160,10 @@ def test_after_pt2e_int8_writes_qdq_onnx_and_ir(cnn, tmp_path):
     assert any('ov.convert_model of the torch model failed' in note for note in results[1].notes)
     expected, floats = outputs(graph, batches), outputs(model, batches)
     for result in results:
-        assert result.coverage['quantized_weight_fraction'] == 1.0
-        assert result.coverage['runtime_precisions'] == {'u8': 8}  # every conv and the fc run in int8
-        for want, got, float_out in zip(expected, outputs(result.runner, batches), floats):
+        assert weight_coverage(result.artifact)['int8_weight_fraction'] == 1.0
+        runner = run(result)
+        assert {p: len(n) for p, n in runner.runtime_precisions().items()} == {'u8': 8}  # every conv and fc in int8
+        for want, got, float_out in zip(expected, outputs(runner, batches), floats):
             assert got.shape == want.shape
             assert sqnr_db(want, got) > sqnr_db(float_out, want) + QDQ_MARGIN_DB
 
@@ -166,15 +172,15 @@ def test_after_pt2e_int8_vit_onnx(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model('deit_tiny_patch16_224', depth=1).eval()
     generator = torch.Generator().manual_seed(1)
-    graph, coverage = quantize_x86_pt2e(model, [torch.randn(4, 3, 224, 224, generator=generator)])
-    source = StageResult('ptq_int8[x86_pt2e]', 'ptq_int8', TorchRunner(graph, compiled=False, label='int8'), model,
-                         None, precision='int8', coverage=coverage)
+    graph = quantize_x86_pt2e(model, [torch.randn(4, 3, 224, 224, generator=generator)])
+    source = StageResult('ptq_int8[x86_pt2e]', 'ptq_int8', graph, model, None)
     (result,) = apply_export(ExportStage(formats=['onnx']), model, make_ctx(source, (3, 224, 224), tmp_path))
     check_rows([result], source, ['onnx'])
-    assert set(result.coverage['runtime_precisions']) == {'u8'}
+    runner = run(result)
+    assert set(runner.runtime_precisions()) == {'u8'}
     images = [torch.randn(1, 3, 224, 224, generator=generator), torch.randn(5, 3, 224, 224, generator=generator)]
     # batch 5 would fail if the class-token expand had kept the traced batch size
-    for want, got, float_out in zip(outputs(graph, images), outputs(result.runner, images), outputs(model, images)):
+    for want, got, float_out in zip(outputs(graph, images), outputs(runner, images), outputs(model, images)):
         assert sqnr_db(want, got) > sqnr_db(float_out, want) + QDQ_MARGIN_DB
 
 
@@ -191,7 +197,7 @@ def test_failure_is_reported_not_raised(tmp_path):
     model = Unexportable().eval()
     source = float_source(model)
     (result,) = apply_export(ExportStage(), model, make_ctx(source, (3, 8, 8), tmp_path))
-    assert result.name == 'export[onnx]' and result.coverage['file'] is None and result.runner is source.runner
-    assert any('onnx export failed' in note and 'linalg_svdvals' in note for note in result.notes)
-    assert any('openvino export failed' in note for note in result.notes)
+    assert result.name == 'export[onnx]' and result.artifact is None
+    assert 'onnx export failed' in result.failed and 'linalg_svdvals' in result.failed
+    assert 'openvino export failed' in result.failed
     assert not any(tmp_path.iterdir())

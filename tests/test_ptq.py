@@ -1,10 +1,14 @@
-"""int8 PTQ: both backends quantize every conv/linear of a CNN, keep the logits close, and report coverage."""
+"""int8 PTQ: both backends quantize every conv/linear of a CNN, keep the logits close; NNCF's settings come from
+what the model computes; a backend that cannot quantize a model makes no result, only a reason."""
 import pytest
+import timm
 import torch
 from torch import nn
 
-from compress.deploy import OpenVINORunner, TorchRunner
-from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
+import compress.models  # noqa: F401
+from compress.stages.ptq_int8 import nncf_settings, quantize_openvino, quantize_x86_pt2e, runs_attention
+from eval.coverage import weight_coverage
+from eval.runtimes import OpenVINORunner, TorchRunner
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -18,8 +22,9 @@ def model_and_data(tiny_cnn_and_calib):
 
 def test_x86_pt2e_quantizes_all_weights(model_and_data):
     model, calib = model_and_data
-    graph, coverage = quantize_x86_pt2e(model, calib)
-    assert coverage['quantized_weight_fraction'] == 1.0 and coverage['not_quantized'] == []
+    graph = quantize_x86_pt2e(model, calib)
+    coverage = weight_coverage(graph)
+    assert coverage['int8_weight_fraction'] == 1.0 and coverage['float_layers'] == []
     assert coverage['weight_elements'] == sum(m.weight.numel() for m in model.modules()
                                               if isinstance(m, (nn.Conv2d, nn.Linear)))
     with torch.no_grad():
@@ -30,12 +35,28 @@ def test_x86_pt2e_quantizes_all_weights(model_and_data):
 
 def test_openvino_quantizes_all_weights(model_and_data):
     model, calib = model_and_data
-    ov_model, coverage = quantize_openvino(model, calib, transformer=False)
-    assert coverage['quantized_weight_fraction'] == 1.0
+    ov_model, float_model = quantize_openvino(model, calib, nncf_settings(model, (3, 32, 32)))
+    assert weight_coverage(ov_model)['int8_weight_fraction'] == 1.0
+    assert weight_coverage(float_model)['float_weight_fraction'] == 1.0  # the float model it came from, untouched
     runner = OpenVINORunner(ov_model, 'int8', threads=1)
     assert set(runner.runtime_precisions()) == {'u8'}  # every weighted layer executes in int8
     with torch.no_grad():
         assert sqnr_db(model(calib[0]), runner(calib[0])) > 20
+
+
+@pytest.mark.parametrize('name,size,transformer,scope', [
+    ('test_resnet_cifar', 32, False, False),
+    ('test_spartan', 64, False, True),        # a CNN, although its modules' names say nothing either way
+    ('test_smt', 64, True, False),            # attention in its last stages
+    ('deit_tiny_patch16_224', 224, True, False),
+])
+def test_nncf_settings_come_from_what_the_model_computes(name, size, transformer, scope):
+    model = timm.create_model(name).eval()
+    assert runs_attention(model, (3, size, size)) is transformer
+    settings = nncf_settings(model, (3, size, size))
+    assert settings['model_type'] == ('transformer' if transformer else 'default')
+    assert bool(settings['ignored_scope']) is scope
+    assert nncf_settings(model, (3, size, size), transformer=True)['why'] == 'set by the recipe (transformer)'
 
 
 class DataDependent(nn.Module):
@@ -49,7 +70,7 @@ class DataDependent(nn.Module):
         return self.conv(-x).mean((2, 3))
 
 
-def test_capture_failure_is_reported_not_raised():
+def test_capture_failure_makes_no_result_and_says_why():
     from compress.config import DataConfig, EvalConfig, PtqInt8Stage
     from compress.data import DataBundle
     from compress.stages.base import StageContext
@@ -58,5 +79,4 @@ def test_capture_failure_is_reported_not_raised():
     bundle = DataBundle('t', 4, calib_set, calib_set, None, 'eval')
     ctx = StageContext(None, bundle, DataConfig(workers=0, batch_size=2), EvalConfig(compile=False), (3, 8, 8))
     (result,) = apply_ptq_int8(PtqInt8Stage(backend=['x86_pt2e'], calib_images=4), DataDependent().eval(), ctx)
-    assert result.precision == 'fp32' and result.coverage['quantized_weight_fraction'] == 0.0
-    assert 'x86_pt2e failed' in result.notes[-1]
+    assert result.artifact is None and result.failed.startswith('x86_pt2e could not quantize the model: ')

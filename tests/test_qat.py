@@ -9,6 +9,7 @@ from compress.config import DataConfig, EvalConfig, QatInt8Stage, RecipeError, l
 from compress.data import DataBundle, SyntheticShapes, attach_transforms
 from compress.stages.base import StageContext
 from compress.stages.qat import _FreezeSchedule, apply_qat_int8, prepare_qat_x86
+from eval.coverage import weight_coverage
 
 
 @pytest.fixture(scope='module')
@@ -26,10 +27,10 @@ def test_qat_trains_freezes_and_converts(context):
     model = timm.create_model('test_resnet_cifar').eval()
     (result,) = apply_qat_int8(QatInt8Stage(epochs=1, lr=1e-3, freeze_observers_at=0.5, freeze_bn_at=0.75),
                                model, context)
-    assert result.precision == 'int8' and result.coverage['quantized_weight_fraction'] == 1.0
-    assert result.coverage['qat']['steps'] == 8
+    assert weight_coverage(result.artifact)['int8_weight_fraction'] == 1.0
+    assert result.info['qat']['steps'] == 8
     images = torch.stack([context.data.eval[i][0] for i in range(16)])
-    assert result.runner(images).shape == (16, 10)
+    assert result.artifact(images).shape == (16, 10)
     assert result.next_model is None  # a quantized model is final
 
 

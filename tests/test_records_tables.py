@@ -10,7 +10,8 @@ from eval.stats import pack_bits
 from eval.tables import load_records, main, stage_rows
 
 
-def make_record(name='demo', date='2026-11-21T00:00:00+00:00'):
+def per_image_results():
+    """Correct / wrong per image: baseline, after training, after int8, the fine-tuned control."""
     rng = np.random.default_rng(0)
     base = rng.random(400) < 0.75
     base[:44] = False
@@ -18,30 +19,64 @@ def make_record(name='demo', date='2026-11-21T00:00:00+00:00'):
     after_train[:44] = True                      # training fixes 44 images
     quantized = after_train.copy()
     quantized[40:44] = False                     # int8 loses 4 of them
+    control = after_train.copy()
+    control[100:110] = ~control[100:110]         # the equally fine-tuned control differs on 10 images
+    return base, after_train, quantized, control
 
-    def metrics(correct, img_s, precision):
+
+def make_record(name='demo', date='2026-11-21T00:00:00+00:00', noisy=False):
+    base, after_train, quantized, control = per_image_results()
+
+    def metrics(correct, img_s, precision, speedup=None):
         return {'top1': round(100 * correct.mean(), 2), 'top1_ci95': [0, 0], 'top5': 99.0,
                 'correct1_bits': pack_bits(correct), 'params_m': 0.27, 'gmacs': 0.041, 'size_mb': 1.1,
                 'cpu_img_s_bs1': img_s / 2, 'cpu_img_s_bs32': img_s, 'precision': precision,
-                'runtime': 'torch eager', 'quantized_weight_fraction': 1.0 if precision == 'int8' else 0.0}
+                'runtime': 'torch.compile (inductor)', 'int8_weight_fraction': 1.0 if precision == 'int8' else 0.0,
+                'int4_weight_fraction': 0.0, **({'speedup_fp32_bs32': speedup} if speedup else {})}
     return {
-        'recipe': {'name': name}, 'model': {'name': 'resnet20_cifar'}, 'git_hash': 'abc', 'date': date,
+        'schema': 2, 'recipe': {'name': name}, 'model': {'name': 'resnet20_cifar'}, 'git_hash': 'abc', 'date': date,
         'data': {'name': 'cifar10', 'split': 'test', 'num_images': 400},
         'env': {'cpu': {'model': 'test cpu'}, 'eval_threads': 1},
         'stages': [
-            {'name': 'baseline', 'before': None, 'metrics': metrics(base, 100, 'fp32')},
-            {'name': 'train', 'before': 'baseline', 'metrics': metrics(after_train, 100, 'fp32')},
-            {'name': 'ptq_int8[x86_pt2e]', 'before': 'train', 'metrics': metrics(quantized, 300, 'int8')},
+            {'name': 'baseline', 'kind': 'baseline', 'before': None, 'metrics': metrics(base, 100, 'fp32')},
+            {'name': 'train', 'kind': 'train', 'before': 'baseline',
+             'metrics': metrics(after_train, 100, 'fp32', [1.0, 0.98, 1.02])},
+            {'name': 'ptq_int8[x86_pt2e]', 'kind': 'ptq_int8', 'before': 'train',
+             'metrics': metrics(quantized, 300, 'int8', [2.95, 2.81, 3.1])},
+            {'name': 'ptq_int8[openvino]', 'kind': 'ptq_int8', 'before': 'train', 'result': None,
+             'reason': 'openvino could not quantize the model: RuntimeError: no'},
+            {'name': 'control[finetune]', 'kind': 'control', 'before': 'baseline',
+             'metrics': metrics(control, 100, 'fp32', [1.01, 0.97, 1.03])},
         ],
+        'timing': {'batch_sizes': [1, 32], 'rounds': 7, 'threads': 1, 'measure': 'cpu', 'noisy': noisy,
+                   'load_before': [1.0, 1.0, 1.0], 'load_after': [1.2, 1.0, 1.0],
+                   'control': {'ok': not noisy, 'tolerance': 0.05,
+                               'ratios': {'bs1': [1.0, 0.99, 1.01], 'bs32': [1.002, 0.98, 1.03]}}},
     }
 
 
-def test_rows_have_deltas_against_the_stage_input_and_speedups_against_baseline():
+def test_rows_have_deltas_against_the_stage_input_and_the_control_and_named_speedups():
     rows = stage_rows(make_record())
-    assert rows[0]['Δtop1'] == '' and rows[0]['speedup_bs32'] == '1.00×'
+    assert [row['stage'] for row in rows] == ['baseline', 'train', 'ptq_int8[x86_pt2e]', 'control[finetune]']
+    assert rows[0]['Δtop1'] == '' and rows[0]['×fp32_bs32'] == ''
     assert rows[1]['Δtop1'].startswith('+11.00 [')      # 44 of 400 images fixed
     assert rows[2]['Δtop1'].startswith('-1.00 [')       # against train, not against baseline
-    assert rows[2]['speedup_bs32'] == '3.00×' and rows[2]['int8_weights'] == '100%'
+    assert rows[2]['×fp32_bs32'] == '2.95 [2.81, 3.10]' and rows[2]['int8_w'] == '100%'
+    # against the fine-tuned control, on the same images
+    _, _, quantized, control = per_image_results()
+    assert rows[2]['Δctrl'].startswith(f'{100 * (quantized.mean() - control.mean()):+.2f} [')
+    assert rows[3]['Δctrl'] == '' and rows[0]['Δctrl'] == ''
+
+
+def test_a_noisy_session_marks_every_speedup_and_the_footer_says_so(tmp_path):
+    rows = stage_rows(make_record(noisy=True))
+    assert rows[2]['×fp32_bs32'] == '2.95 [2.81, 3.10]~'
+    write_record(make_record(noisy=True), tmp_path)
+    assert main([str(tmp_path), '--out', str(tmp_path / 'tables')]) == 0
+    markdown = (tmp_path / 'tables' / 'runs.md').read_text()
+    assert 'OUTSIDE 1 ± 0.05; every speedup marked ~ is unreliable' in markdown
+    assert 'No result from ptq_int8[openvino]: openvino could not quantize the model' in markdown
+    assert '| ptq_int8[openvino]' not in markdown   # no row claims a result that does not exist
 
 
 def test_records_never_overwrite_and_tables_pick_the_newest(tmp_path):
@@ -56,7 +91,7 @@ def test_records_never_overwrite_and_tables_pick_the_newest(tmp_path):
     assert '| ptq_int8[x86_pt2e]' in markdown and 'cifar10 test (400 images)' in markdown
     assert '\\toprule' in (out / 'runs.tex').read_text()
     rows = list(csv.DictReader((out / 'runs.csv').open()))
-    assert [r['stage'] for r in rows] == ['baseline', 'train', 'ptq_int8[x86_pt2e]']
+    assert [r['stage'] for r in rows] == ['baseline', 'train', 'ptq_int8[x86_pt2e]', 'control[finetune]']
 
 
 def test_tables_refuse_an_empty_folder(tmp_path, capsys):
@@ -69,6 +104,14 @@ def test_environment_names_versions_and_cpu():
     assert env['versions']['torch'].startswith('2.14') and env['versions']['torchao'] == '0.18.0'
     assert env['cpu']['logical_cpus'] >= 1
     json.dumps(env)
+
+
+def test_records_of_an_older_schema_are_skipped_with_a_reason(tmp_path, capsys):
+    record = make_record()
+    del record['schema']
+    (tmp_path / 'old.json').write_text(json.dumps(record))
+    assert load_records(tmp_path) == []
+    assert 'older version (schema 1); run the recipe again' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('field', ['recipe', 'stages'])

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import compress.models.smt  # noqa: F401  (registers the entrypoints)
 from compress.models.smt import SMT, MultiHeadMixedConv, ScaleAwareModulation, checkpoint_filter_fn
 from eval.complexity import count_macs, count_params
+from eval.coverage import weight_coverage
 
 aten = torch.ops.aten
 
@@ -566,11 +567,10 @@ def test_fuse_gives_a_plain_conv_that_pt2e_quantizes():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
     assert not any(type(m).__name__ == 'MultiHeadMixedConv' for m in fused.modules())
-    _, coverage = quantize_x86_pt2e(fused, [x])
-    assert coverage['quantized_weight_fraction'] == 1.0
+    assert weight_coverage(quantize_x86_pt2e(fused, [x]))['int8_weight_fraction'] == 1.0
 
 
-# --- structured pruning through compress.stages.prune (Torch-Pruning + smt.pruning_spec) ---------------------------
+# --- structured pruning through compress.stages.prune (Torch-Pruning + the SMT rules in compress.stages.families) ---------------------------
 
 def _prune(model, ratio, heads='dims', res=64, **cfg):
     from compress.config import PruneStage
@@ -625,7 +625,8 @@ def test_pruning_spec():
 
 def test_mhmc_pruner_removes_whole_groups():
     # the customized pruner slices the per-head kernels; fused channel c * 4 + i is channel c of head i
-    pruner = compress.models.smt.pruning_spec(timm.create_model('test_smt')).customized_pruners[MultiHeadMixedConv]
+    from compress.stages.families.smt import pruning_spec
+    pruner = pruning_spec(timm.create_model('test_smt')).customized_pruners[MultiHeadMixedConv]
     conv = _randomize(MultiHeadMixedConv(16, num_heads=4)).eval()
     reference, _ = conv.fused_weight_bias()
     x = torch.randn(1, 16, 7, 7)
@@ -672,8 +673,7 @@ def test_prune_test_smt(ratio, heads):
         assert out.shape == (2, 1000) and torch.isfinite(out).all()
         exported = torch.export.export(pruned, (x,))
         torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)
-    _, coverage = quantize_x86_pt2e(reparameterize_model(pruned), [x])
-    assert coverage['quantized_weight_fraction'] > 0.9
+    assert weight_coverage(quantize_x86_pt2e(reparameterize_model(pruned), [x]))['int8_weight_fraction'] > 0.9
 
 
 def _zero_pruned_channels(model, ratio, heads):

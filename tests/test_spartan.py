@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import compress.models.spartan  # noqa: F401  (registers the entrypoints)
 from compress.models.spartan import CMixer, SpaRTANBlock, checkpoint_filter_fn, complex_pair_mix
 from eval.complexity import count_macs, count_params
+from eval.coverage import weight_coverage
 
 
 @pytest.fixture(scope='module')
@@ -290,8 +291,8 @@ def test_prune_stage_relinks_kept_input_channels_to_their_pairs():
                 checked += 1
     assert checked > 0
     assert torch.isfinite(pruned(x)).all()
-    graph, coverage = quantize_x86_pt2e(pruned, [torch.randn(2, 3, 64, 64)])
-    assert coverage['quantized_weight_fraction'] == 1.0
+    graph = quantize_x86_pt2e(pruned, [torch.randn(2, 3, 64, 64)])
+    assert weight_coverage(graph)['int8_weight_fraction'] == 1.0
 
 
 def test_train_backward_grad_checkpointing():
@@ -379,26 +380,24 @@ def test_deploy_form_quantizes():
     """The deploy form goes through both int8 paths of the ptq stage with every conv in int8; NNCF's ignored scope
     for the CMixer element-wise ops removes their FakeQuantize nodes and keeps the argmax in float."""
     from timm.models import reparameterize_model
-    from compress.stages.ptq_int8 import quantize_openvino, quantize_x86_pt2e
-    from compress.models.spartan import nncf_ignored_scope
-    nncf = pytest.importorskip('nncf')
-    ov = pytest.importorskip('openvino')
+    from compress.stages.ptq_int8 import nncf_settings, quantize_openvino, quantize_x86_pt2e
     torch.manual_seed(0)
     deploy = reparameterize_model(_perturbed(timm.create_model('test_spartan')))
     calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
-    graph, coverage = quantize_x86_pt2e(deploy, calib)
-    assert coverage['quantized_weight_fraction'] == 1.0
+    graph = quantize_x86_pt2e(deploy, calib)
+    assert weight_coverage(graph)['int8_weight_fraction'] == 1.0
     with torch.no_grad():
         ref = deploy(calib[0])
         assert (graph(calib[0]) - ref).norm() < 0.5 * ref.norm()
 
     # NNCF may leave squeeze-excite convs (1x1 maps) in float, in the official structure as well; nothing else
-    _, coverage = quantize_openvino(deploy, calib, transformer=False)
-    assert coverage['quantized_weight_fraction'] > 0.95
-    assert all('attn.' in layer['layer'] for layer in coverage['not_quantized'])
-    ov_model = ov.convert_model(deploy, example_input=calib[0][:1])
-    scoped = nncf.quantize(ov_model, nncf.Dataset(calib, lambda t: t.numpy()), subset_size=8,
-                           ignored_scope=nncf_ignored_scope())
+    settings = nncf_settings(deploy, (3, 64, 64))
+    assert settings['ignored_scope'] and settings['model_type'] == 'default'  # the family's scope, and a CNN
+    unscoped, _ = quantize_openvino(deploy, calib, {**settings, 'ignored_scope': None})
+    coverage = weight_coverage(unscoped)
+    assert coverage['int8_weight_fraction'] > 0.95
+    assert all('attn.' in layer['layer'] for layer in coverage['float_layers'])
+    scoped, _ = quantize_openvino(deploy, calib, settings)
     fq_users = [u.get_node() for op in scoped.get_ordered_ops() if op.get_type_name() == 'FakeQuantize'
                 for u in op.output(0).get_target_inputs()]
     assert not any(n.get_type_name() in ('Multiply', 'Add', 'Subtract', 'ReduceSum', 'Select')
@@ -407,7 +406,6 @@ def test_deploy_form_quantizes():
     argmax_inputs = [op.input_value(0).get_node().get_type_name() for op in scoped.get_ordered_ops()
                      if op.get_type_name() in ('ReduceMax', 'Equal') and '.cmixer/aten::' in op.get_friendly_name()]
     assert argmax_inputs and 'FakeQuantize' not in argmax_inputs
-    from compress.stages.ptq_int8 import openvino_coverage
-    scoped_coverage = openvino_coverage(scoped)
-    assert scoped_coverage['quantized_weight_fraction'] >= coverage['quantized_weight_fraction']
-    assert all('attn.' in layer['layer'] for layer in scoped_coverage['not_quantized'])
+    scoped_coverage = weight_coverage(scoped)
+    assert scoped_coverage['int8_weight_fraction'] >= coverage['int8_weight_fraction']
+    assert all('attn.' in layer['layer'] for layer in scoped_coverage['float_layers'])

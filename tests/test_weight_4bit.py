@@ -15,9 +15,10 @@ from torch import nn
 
 from compress.config import DataConfig, EvalConfig, Weight4BitStage
 from compress.data import DataBundle
-from compress.deploy import OpenVINORunner, TorchRunner
 from compress.stages.base import StageContext
 from compress.stages.weight_4bit import apply_weight_4bit, compress_openvino, quantize_torchao_int4
+from eval.coverage import execution_order, weight_coverage
+from eval.runtimes import OpenVINORunner, TorchRunner
 
 DEIT_BLOCK = {'blocks.0.attn.qkv', 'blocks.0.attn.proj', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2'}
 
@@ -50,7 +51,8 @@ def deit():
 
 def test_nncf_puts_deit_linears_in_4bit_and_shrinks_the_ir(deit):
     model, images = deit
-    compressed, float_ov, coverage = compress_openvino(model, images[:1], Weight4BitStage(group_size=128))
+    compressed, float_ov = compress_openvino(model, images[:1], Weight4BitStage(group_size=128))
+    coverage = weight_coverage(compressed, execution_order(model, images[:1]))
     assert set(coverage['layers']['int4']) == DEIT_BLOCK
     # the patch-embedding conv and the last layer take NNCF's 8-bit backup
     assert set(coverage['layers']['int8']) == {'patch_embed.proj', 'head'} and coverage['layers']['float'] == []
@@ -78,24 +80,27 @@ def test_nncf_keeps_cnn_convs_in_8bit_and_torchao_covers_linear_only():
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     (classifier,) = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
+    # nothing became 4 bit: no "4-bit" result exists, and the reasons say why, layer kind by layer kind
     assert nncf_row.name == 'weight_4bit[nncf_openvino]' and nncf_row.kind == 'weight_4bit'
-    assert nncf_row.next_model is None and 'openvino_fp32' in nncf_row.reference_runners
-    coverage = nncf_row.coverage
-    assert coverage['quantized_weight_fraction'] == 0.0 and coverage['int8_weight_fraction'] == 1.0
-    assert coverage['layers']['int8'] == convs + [classifier]  # named after the torch modules
-    assert nncf_row.precision == 'int8'  # never labelled int4 when no weight is 4 bit
-    assert_fractions_sum_to_one(coverage)
-    assert relative_error(nncf_row.runner(images), expected) < 0.03
+    assert nncf_row.artifact is None and nncf_row.next_model is None and nncf_row.references == {}
+    assert nncf_row.failed.startswith('nncf_openvino put no weight in 4 bit: ')
+    assert f'{len(convs)} layer(s): convolution: NNCF 3.4' in nncf_row.failed
+    assert '1 layer(s): last MatMul: 8-bit backup unless all_layers' in nncf_row.failed
+    why = {n['layer']: n for n in nncf_row.info['not_4bit']}
+    assert list(why) == convs + [classifier] and all(n['precision'] == 'int8' for n in why.values())
 
-    coverage = torchao_row.coverage
-    assert torchao_row.precision == 'fp32' and coverage['quantized_weight_fraction'] == 0.0
-    assert coverage['float_weight_fraction'] == 1.0 and coverage['weight_elements'] == weighted_elements(model)
-    assert {n['layer']: n['why'] for n in coverage['not_quantized']}[classifier].startswith('out_features 10 % 16')
-    assert any('covers Linear only' in note for note in torchao_row.notes)
+    assert torchao_row.artifact is None and torchao_row.failed.startswith('torchao put no weight in 4 bit: ')
+    why = {n['layer']: n['why'] for n in torchao_row.info['not_4bit']}
+    assert why[classifier].startswith('out_features 10 % 16') and why[convs[0]].endswith('covers Linear only')
 
     (all_layers,) = apply_weight_4bit(Weight4BitStage(all_layers=True), model, context((3, 32, 32)))
-    assert all_layers.precision == 'int4' and all_layers.coverage['layers']['int4'] == [classifier]
-    assert all_layers.coverage['int4_group_sizes'] == {classifier: 32}  # 32 input features: 128 adjusted to 32
+    coverage = weight_coverage(all_layers.artifact, execution_order(model, images[:1]))
+    assert coverage['layers']['int4'] == [classifier] and coverage['layers']['int8'] == convs  # named after torch
+    assert all_layers.info['group_sizes'] == {classifier: 32}  # 32 input features: 128 adjusted to 32
+    assert_fractions_sum_to_one(coverage)
+    assert 'openvino fp32' in all_layers.references
+    with torch.no_grad():
+        assert relative_error(OpenVINORunner(all_layers.artifact, 'int4')(images), expected) < 0.25
 
 
 class TinyNet(nn.Module):
@@ -125,9 +130,10 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
 def test_torchao_quantizes_eligible_linears_only():
     torch.manual_seed(0)
     model, images = TinyNet().eval(), torch.randn(4, 3, 16, 16)
-    quantized, coverage = quantize_torchao_int4(model, images[:1], group_size=128)
-    assert coverage['int4_group_sizes'] == {'fc2': 128, 'fc3': 128, 'fc4': 64}
-    why = {n['layer']: n['why'] for n in coverage['not_quantized']}
+    quantized, plan, why = quantize_torchao_int4(model, images[:1], group_size=128)
+    coverage = weight_coverage(quantized)
+    assert plan == {'fc2': 128, 'fc3': 128, 'fc4': 64} and set(coverage['layers']['int4']) == set(plan)
+    assert coverage['int4_storage'] == 'packed'
     assert set(why) == {'stem', 'fc1', 'odd', 'head'}
     assert why['stem'].startswith('convolution') and why['odd'].startswith('out_features 40 % 16')
     assert why['fc1'].startswith('in_features 16') and why['head'].startswith('last Linear')
@@ -144,7 +150,7 @@ def test_torchao_quantizes_eligible_linears_only():
     # error of (range / 15) / sqrt(12) = 6.7 % of their RMS (measured 6.4-6.6 %; bf16 alone would be ~0.3 %)
     reference = TinyNet().eval()
     reference.load_state_dict(model.state_dict())
-    for name in coverage['int4_group_sizes']:
+    for name in plan:
         weight = dequantized_weight(getattr(quantized, name))
         assert 0.04 < relative_error(weight, getattr(model, name).weight) < 0.09
         getattr(reference, name).weight.data.copy_(weight)
@@ -153,33 +159,37 @@ def test_torchao_quantizes_eligible_linears_only():
 
     # the serialized size is the packed int4 data plus the float layers, not the float weights
     size, float_size = TorchRunner(quantized, False, 'int4').size_mb(), TorchRunner(model, False, 'fp32').size_mb()
+    packed_bytes = sum(t.numel() * t.element_size() for name in plan
+                       for t in (getattr(quantized, name).weight.qdata, getattr(quantized, name).weight.scale_and_zero))
     float_bytes = 4 * (coverage['float_weight_elements'] + sum(m.bias.numel() for m in model.modules()
                                                                 if isinstance(m, (nn.Conv2d, nn.Linear))))
-    assert coverage['int4_packed_bytes'] / 1e6 < size < (coverage['int4_packed_bytes'] + float_bytes) / 1e6 + 0.02
+    assert packed_bytes < coverage['int4_weight_elements']  # 2 weights a byte, plus bf16 scales per group
+    assert packed_bytes / 1e6 < size < (packed_bytes + float_bytes) / 1e6 + 0.02
     assert size < 0.3 * float_size
 
-    _, everything = quantize_torchao_int4(model, images[:1], group_size=128, all_layers=True)
-    assert everything['int4_group_sizes']['head'] == 32
+    _, everything, _ = quantize_torchao_int4(model, images[:1], group_size=128, all_layers=True)
+    assert everything['head'] == 32
 
 
 def test_torchao_on_deit_block(deit):
     model, images = deit
     (row,) = apply_weight_4bit(Weight4BitStage(backend=['torchao'], group_size=128), model, context((3, 224, 224)))
-    coverage = row.coverage
-    assert row.name == 'weight_4bit[torchao]' and row.precision == 'int4'
+    coverage = weight_coverage(row.artifact)
+    assert row.name == 'weight_4bit[torchao]' and row.failed is None
     assert set(coverage['layers']['int4']) == DEIT_BLOCK
     assert set(coverage['layers']['float']) == {'patch_embed.proj', 'head'}  # a conv; 1000 % 16 != 0
     assert_fractions_sum_to_one(coverage)
+    runner = TorchRunner(row.artifact, False, 'int4')
     with torch.no_grad():
-        assert relative_error(row.runner(images), model(images)) < 0.25
-    assert row.runner.size_mb() < 0.6 * TorchRunner(model, False, 'fp32').size_mb()  # head + patch embed stay fp32
+        assert relative_error(runner(images), model(images)) < 0.25
+    assert runner.size_mb() < 0.6 * TorchRunner(model, False, 'fp32').size_mb()  # head + patch embed stay fp32
 
 
 def test_unavailable_torchao_setting_is_reported_not_raised():
     model = TinyNet().eval()
     (row,) = apply_weight_4bit(Weight4BitStage(backend=['torchao'], group_size=16), model, context((3, 16, 16)))
-    assert row.precision == 'fp32' and row.coverage['quantized_weight_fraction'] == 0.0
-    assert 'torchao failed' in row.notes[-1] and 'group sizes 32/64/128' in row.notes[-1]
+    assert row.artifact is None and row.failed.startswith('torchao failed: ValueError: ')
+    assert 'group sizes 32/64/128' in row.failed
 
 
 def test_registered():

@@ -157,14 +157,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     return {k.removeprefix('module.'): v for k, v in state_dict.items()}
 
 
-def pruning_spec(model: CifarResNet):
-    """Option-A shortcuts zero-pad the residual stream by position, which no dependency graph can follow: the stream
-    (stem and every block's conv2) keeps its width and only the inner channels (conv1 → bn1 → conv2) are pruned."""
-    from compress.stages.prune import PruningSpec
-    stream = [model.conv1] + [block.conv2 for stage in model.stages for block in stage]
-    return PruningSpec(ignored_layers=stream, notes=['residual stream kept: option-A shortcuts pad by position'])
-
-
 def _cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
         'url': url, 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),

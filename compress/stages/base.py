@@ -1,8 +1,9 @@
 """What every stage receives and returns.
 
 A stage is a function ``apply(cfg, model, ctx) -> list[StageResult]``: it takes the float model the previous
-stage left and returns one result per variant it made (a quantization stage with two backends returns two).
-No base class: stages share this data, not behaviour.
+stage left, applies its transformation, and returns what it made, one result per variant (a quantization stage
+with two backends returns two). Measuring the results (accuracy, complexity, coverage, speed) is the
+evaluator's job alone. No base class: stages share this data, not behaviour.
 """
 from __future__ import annotations
 
@@ -25,22 +26,29 @@ class StageContext:
     seed: int = 0
     initial_model: nn.Module | None = None   # the model before the first stage (the default KD teacher)
     data_config: dict | None = None          # the resolved preprocessing (mean, std, input size)
-    previous: list = field(default_factory=list)  # the previous stage's results (export ships their runner)
+    previous: list = field(default_factory=list)  # the previous stage's results (export writes their artifact)
     output_dir: str | None = None            # where the run writes its record (exports go next to it)
 
 
 @dataclass
 class StageResult:
-    """One row of the results: the model a stage produced, in the form it is deployed."""
+    """What one stage made: the artifact as it ships, and what the stage knows about how it made it.
+
+    ``artifact`` is a float module in its deploy form, a PT2E int8 graph, a module with torchao weights or an
+    OpenVINO model; ``None`` when the stage could not make it, and then ``failed`` says why (the record keeps
+    the reason; no table row claims a result that does not exist).
+    """
     name: str
     kind: str
-    runner: Any
-    float_model: nn.Module
-    next_model: nn.Module | None
-    precision: str = 'fp32'
+    artifact: Any
+    float_model: nn.Module                   # the float model it came from: params and MACs are counted on it
+    next_model: nn.Module | None             # what the next stage starts from (None after quantization)
     backend: str = 'torch'
     seconds: float = 0.0
-    coverage: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # other forms timed next to this one for context (e.g. 'openvino_fp32'): throughput only, no accuracy
-    reference_runners: dict[str, Any] = field(default_factory=dict)
+    # facts of the transformation: calibration images, NNCF settings, layers it could not take and why, ...
+    info: dict = field(default_factory=dict)
+    # artifacts made along the way that give a row its context, timed next to it (e.g. 'openvino fp32')
+    references: dict[str, Any] = field(default_factory=dict)
+    files: list[str] | None = None           # what ships on disk, when the stage wrote files (export)
+    failed: str | None = None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.config import DistillStage, RecipeError
-from compress.deploy import float_runner
+from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
 from compress.stages.train import train_model
 
@@ -118,12 +118,11 @@ def apply_distill(cfg: DistillStage, model: nn.Module, ctx: StageContext) -> lis
     projections = _feature_projections(model, teacher, ctx.input_size) if cfg.feature_weight > 0 else None
     objective = DistillationObjective(teacher, cfg, projections, _renormalization(teacher, ctx))
     model, summary = train_model(cfg, model, ctx, objective=objective, extra=projections, desc='distill')
-    runner = float_runner(model, ctx.eval_cfg)
     losses = ', '.join(f'{k} {v:.3f}' for k, v in objective.last.items())
     return [StageResult(
-        name='distill', kind='distill', runner=runner, float_model=model, next_model=model,
+        name='distill', kind='distill', artifact=deploy_form(model), float_model=model, next_model=model,
         seconds=time.perf_counter() - start,
         notes=[f'teacher: {teacher_name}; T={cfg.temperature}, alpha={cfg.alpha}, feature_weight={cfg.feature_weight}',
                f'{summary["steps"]} steps; last batch: {losses}'],
-        coverage={'distill': {**summary, 'teacher': teacher_name}},
+        info={'distill': {**summary, 'teacher': teacher_name}},
     )]

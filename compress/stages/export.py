@@ -2,12 +2,11 @@
 
 The stage exports ``ctx.previous[0]`` (the first result of the previous stage: what the pipeline continues
 with). For each format it writes the file(s), loads them again with OpenVINO and returns one row
-``export[onnx]`` / ``export[openvino]`` whose runner runs the *loaded file*, so the row measures what ships:
+``export[onnx]`` / ``export[openvino]`` whose artifact is the *loaded file*, so the row measures what ships:
 ONNX files are read by OpenVINO's ONNX frontend (``ov.Core().read_model(model.onnx)``; onnxruntime is not a
-dependency), IR files with ``read_model(model.xml)``. Both are compiled with the f32 precision hint (an
-OpenVINO source keeps its own hint). ``size_mb`` of a row is the written files' size on disk
-(:class:`FileRunner`), and every row records the largest difference between the reloaded file and its source
-at a batch size the export never saw (3), which also proves the batch dimension is dynamic.
+dependency), IR files with ``read_model(model.xml)``; the evaluator runs them with the f32 precision hint and
+sizes the row by the files on disk. Every row records the largest difference between the reloaded file and its
+source at a batch size the export never saw (3), which also proves the batch dimension is dynamic.
 
 What works in this toolchain (torch 2.14.1, onnx 1.23.2, openvino 2026.4.1, torchao 0.18.0), by source:
 
@@ -43,9 +42,8 @@ What works in this toolchain (torch 2.14.1, onnx 1.23.2, openvino 2026.4.1, torc
   ``ov.save_model(ov_model, compress_to_fp16=False)``; reload vs source: 0 (the same graph). ONNX is not
   possible (OpenVINO has no ONNX writer); it is skipped with a note on the IR row, never raised.
 
-If no requested format can be written (say ``formats: [onnx]`` after an OpenVINO stage), the stage returns one
-row named after the first format that re-measures the source in memory, says so in its notes and has
-``file: None``; the pipeline always gets a row.
+If no requested format can be written (say ``formats: [onnx]`` after an OpenVINO stage), the stage returns no
+artifact, only the reasons: no row claims a file that was not written.
 """
 from __future__ import annotations
 
@@ -61,10 +59,10 @@ import torch
 from torch import nn
 
 from compress.config import ExportStage
-from compress.deploy import OpenVINORunner, TorchRunner
 from compress.stages.base import StageContext, StageResult
+from eval.runtimes import OpenVINORunner, to_openvino, with_dynamic_batch
 
-__all__ = ['apply_export', 'FileRunner', 'ExportError', 'export_onnx', 'torch_to_openvino', 'ONNX_OPSET', 'CHECK_BATCH']
+__all__ = ['apply_export', 'ExportError', 'export_onnx', 'ONNX_OPSET', 'CHECK_BATCH']
 
 ONNX_OPSET = 17
 CHECK_BATCH = 3     # the reload check runs at a batch size the export never saw (it traces with 2)
@@ -73,32 +71,6 @@ _EXAMPLE_BATCH = 2
 
 class ExportError(RuntimeError):
     """A format could not be written; the message is one line per exporter tried."""
-
-
-class FileRunner:
-    """An :class:`OpenVINORunner` loaded from written files; ``size_mb`` is their size on disk."""
-
-    def __init__(self, runner: OpenVINORunner, files: list[str]):
-        self.runner = runner
-        self.files = [str(f) for f in files]
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.runner(images)
-
-    def __getattr__(self, name):  # label, precision, threads, fixed_batch, ov_model, compiled_model
-        if name.startswith('__') or name == 'runner':
-            raise AttributeError(name)
-        return getattr(self.runner, name)
-
-    def for_threads(self, threads: int) -> FileRunner:
-        timed = self.runner.for_threads(threads)
-        return self if timed is self.runner else FileRunner(timed, self.files)
-
-    def size_mb(self) -> float:
-        return sum(Path(f).stat().st_size for f in self.files) / 1e6
-
-    def runtime_precisions(self) -> dict[str, list[str]]:
-        return self.runner.runtime_precisions()
 
 
 # --- failure messages ------------------------------------------------------------------------------------------
@@ -257,26 +229,6 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> str:
         raise ExportError(f'TorchScript exporter: {legacy}; dynamo exporter: {_one_line(dynamo_error)}') from None
 
 
-# --- torch → OpenVINO ------------------------------------------------------------------------------------------
-
-def _dynamic_batch(ov_model, example: torch.Tensor):
-    import openvino as ov
-    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
-    return ov_model
-
-
-def torch_to_openvino(module: nn.Module, example: torch.Tensor):
-    """``ov.convert_model`` with a dynamic batch: a module through TorchScript, an exported graph via torch.export."""
-    import openvino as ov
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        if isinstance(module, torch.fx.GraphModule):
-            batch = torch.export.Dim('batch', min=1, max=4096)
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-            return _dynamic_batch(ov.convert_model(program), example)
-        return _dynamic_batch(ov.convert_model(module.eval(), example_input=example), example)
-
-
 # --- the stage -------------------------------------------------------------------------------------------------
 
 def _slug(name: str) -> str:
@@ -294,49 +246,28 @@ def _reload_check(runner, reference, input_size) -> tuple[float, float]:
     return float((got - expected).abs().max()), float(expected.abs().max())
 
 
-def _weight_types(ov_model) -> dict[str, int]:
-    """Weight elements of conv/matmul layers by the element type they are stored in (i8, u4, f32, ...)."""
-    from compress.stages.ptq_int8 import weight_constant
-    counts: dict[str, int] = {}
-    for op in ov_model.get_ordered_ops():
-        if op.get_type_name() not in ('Convolution', 'GroupConvolution', 'MatMul'):
-            continue
-        constant = weight_constant(op.input_value(1).get_node())
-        if constant is None:
-            continue
-        count = 1
-        for dim in constant.get_output_shape(0):
-            count *= dim
-        kind = constant.get_element_type().get_type_name()
-        counts[kind] = counts.get(kind, 0) + count
-    return counts
-
-
 def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     import openvino as ov
-    from compress.stages.ptq_int8 import openvino_coverage
 
-    if ctx.previous:
-        source = ctx.previous[0]
+    sources = [result for result in ctx.previous if result.artifact is not None]
+    if sources:
+        source = sources[0]
     else:  # called on its own: export the model as it is
-        source = StageResult(name='model', kind='model', runner=TorchRunner(model, compiled=False, label='fp32'),
-                             float_model=model, next_model=model)
+        source = StageResult(name='model', kind='model', artifact=model, float_model=model, next_model=model)
     out_dir = cfg.dir or ctx.output_dir
     if out_dir is None:
         raise ValueError('export: no output folder; set the stage dir or run it through the pipeline')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _slug(source.name)
-    runner = source.runner
     example = torch.randn(_EXAMPLE_BATCH, *ctx.input_size, generator=torch.Generator().manual_seed(0))
 
-    # each format: (files, ov model to load them as, how it was written, extra notes) or a skip reason
+    # each format: (files, path to load, how it was written, extra notes) or a skip reason
     written: dict[str, tuple] = {}
     skipped: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    if hasattr(runner, 'ov_model'):  # an OpenVINO model: it ships as IR
-        reference = runner
-        hint = getattr(runner, 'precision', 'f32')
+    if not isinstance(source.artifact, nn.Module):  # an OpenVINO model: it ships as IR
+        reference = OpenVINORunner(source.artifact, label=source.name, threads=ctx.eval_cfg.threads)
         for fmt in cfg.formats:
             start = time.perf_counter()
             if fmt == 'onnx':
@@ -344,13 +275,12 @@ def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[
                                 'cannot write it; its deployable file is the IR (format openvino)')
                 continue
             xml = out_dir / f'{stem}.xml'
-            ov.save_model(runner.ov_model, str(xml), compress_to_fp16=False)
+            ov.save_model(source.artifact, str(xml), compress_to_fp16=False)
             written[fmt] = ([xml, xml.with_suffix('.bin')], xml, 'ov.save_model of the OpenVINO model '
                             '(compress_to_fp16=False)', [])
             seconds[fmt] = time.perf_counter() - start
     else:
-        module = runner.module if isinstance(runner, TorchRunner) else model
-        hint = 'f32'
+        module = source.artifact
 
         def reference(images):
             return module(images)
@@ -380,7 +310,7 @@ def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[
                 start = time.perf_counter()
                 extra = []
                 try:
-                    ov_model = torch_to_openvino(module, example)
+                    ov_model = to_openvino(module, example)
                     how = 'ov.convert_model of the torch model (dynamic batch)'
                 except Exception as error:  # e.g. the PT2E graph: convert the (QDQ) ONNX file instead
                     ov_model, how, direct = None, None, _one_line(error)
@@ -389,7 +319,7 @@ def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[
                     via_onnx = onnx_error
                     if onnx_path is not None:
                         try:
-                            ov_model = _dynamic_batch(ov.convert_model(str(onnx_path)), example)
+                            ov_model = with_dynamic_batch(ov.convert_model(str(onnx_path)))
                             how = f'ov.convert_model of the ONNX file written by {onnx_how}'
                             extra.append(f'ov.convert_model of the torch model failed ({direct}); the IR was '
                                          'converted from the ONNX file instead')
@@ -412,46 +342,30 @@ def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[
         files, load_path, how, extra = written[fmt]
         try:
             loaded = ov.Core().read_model(str(load_path))
-            # OpenVINO follows torch's thread setting, as the torch runners do (1 in tests and on shared machines)
-            file_runner = FileRunner(OpenVINORunner(loaded, label=getattr(runner, 'label', source.precision),
-                                                    precision='f32' if fmt == 'onnx' else hint,
-                                                    threads=torch.get_num_threads()), files)
-            max_diff, source_max = _reload_check(file_runner, reference, ctx.input_size)
+            max_diff, source_max = _reload_check(OpenVINORunner(loaded, label=fmt, threads=ctx.eval_cfg.threads),
+                                                 reference, ctx.input_size)
         except Exception as error:  # written but not loadable, or not at another batch size: it does not ship
             skipped[fmt] = f'{fmt} file {load_path} written but its reload failed: {_one_line(error)}'
             continue
-        runtime = file_runner.runtime_precisions()
-        coverage = {
-            'file': str(load_path), 'files': [str(f) for f in files],
-            'bytes': sum(Path(f).stat().st_size for f in files), 'source': source.name, 'format': fmt,
-            'max_abs_diff_vs_source': max_diff, 'source_max_abs': source_max,
-            'runtime_precisions': {p: len(names) for p, names in runtime.items()},
-            'weight_element_types': _weight_types(loaded),
-        }
-        ov_coverage = openvino_coverage(loaded)
-        coverage.update({k: ov_coverage[k] for k in ('quantized_weight_fraction', 'int8_weight_elements',
-                                                      'weight_elements')})
-        notes = [f'{fmt} written by {how}; the row runs the file as reloaded by OpenVINO '
-                 f'({"ONNX frontend, " if fmt == "onnx" else ""}{file_runner.precision} hint)',
+        info = {'file': str(load_path), 'files': [str(f) for f in files],
+                'bytes': sum(Path(f).stat().st_size for f in files), 'source': source.name, 'format': fmt,
+                'max_abs_diff_vs_source': max_diff, 'source_max_abs': source_max}
+        notes = [f'{fmt} written by {how}; the row runs the file as reloaded by OpenVINO'
+                 f'{" (ONNX frontend)" if fmt == "onnx" else ""}',
                  f'reloaded vs {source.name}: max abs diff {max_diff:.3g} at batch {CHECK_BATCH} '
                  f'(source logits up to {source_max:.3g})', *extra]
         results.append(StageResult(
-            name=f'export[{fmt}]', kind='export', runner=file_runner, float_model=source.float_model,
-            next_model=None, precision=source.precision, backend=fmt,
-            seconds=seconds.get(fmt, 0.0) + time.perf_counter() - start, coverage=coverage, notes=notes,
+            name=f'export[{fmt}]', kind='export', artifact=loaded, float_model=source.float_model, next_model=None,
+            backend=fmt, seconds=seconds.get(fmt, 0.0) + time.perf_counter() - start, notes=notes, info=info,
+            files=[str(f) for f in files],
         ))
     for result in results:
         result.notes.extend(skipped[fmt] for fmt in cfg.formats if fmt in skipped)
-    if not results:  # nothing could be written: say so on a row that re-measures the source in memory
+    if not results:  # nothing could be written: no row, only the reasons
         fmt = cfg.formats[0]
-        coverage = {'file': None, 'bytes': 0, 'source': source.name, 'format': fmt,
-                    'failed': '; '.join(skipped[f] for f in cfg.formats if f in skipped)}
-        if 'quantized_weight_fraction' in source.coverage:
-            coverage['quantized_weight_fraction'] = source.coverage['quantized_weight_fraction']
         results.append(StageResult(
-            name=f'export[{fmt}]', kind='export', runner=runner, float_model=source.float_model, next_model=None,
-            precision=source.precision, backend=fmt, seconds=sum(seconds.values()), coverage=coverage,
-            notes=[f'nothing was written: this row re-measures {source.name} in memory',
-                   *(skipped[f] for f in cfg.formats if f in skipped)],
+            name=f'export[{fmt}]', kind='export', artifact=None, float_model=source.float_model, next_model=None,
+            backend=fmt, seconds=sum(seconds.values()), info={'source': source.name, 'format': fmt},
+            failed='nothing was written: ' + '; '.join(skipped[f] for f in cfg.formats if f in skipped),
         ))
     return results

@@ -1,11 +1,11 @@
 """Stage ``prune``: structured (physical) pruning with Torch-Pruning.
 
 What to remove (the importance, chosen by name) stays apart from how much (``ratio`` or a ``target_macs`` that
-is searched) — Torch-Pruning's own split. What a model needs for its channels to stay consistent lives next to
-the model: a model module may define ``pruning_spec(model) -> PruningSpec`` (layers that must keep their width,
-heads, parameters Torch-Pruning cannot see, hooks that see each pruned group, fix-ups of attributes after pruning),
-and ``pruning_form(model) -> model`` when an equivalent form of the model suits pruning better (SpaRTAN prunes its
-deploy form, whose complex channel pairs are aligned halves). On top of that every model gets
+is searched) — Torch-Pruning's own split. What a model family needs for its channels to stay consistent is
+declared in :mod:`compress.stages.families`: ``pruning_spec(model) -> PruningSpec`` (layers that must keep their
+width, heads, parameters Torch-Pruning cannot see, hooks that see each pruned group, fix-ups of attributes after
+pruning), and ``pruning_form(model) -> model`` when an equivalent form of the model suits pruning better (SpaRTAN
+prunes its deploy form, whose complex channel pairs are aligned halves). On top of that every model gets
 the generic rules: the classifier keeps its outputs, and timm ``Attention`` blocks are pruned with a consistent
 head structure and their ``num_heads`` / ``head_dim`` / ``scale`` updated afterwards.
 
@@ -15,7 +15,6 @@ dict), and its params and MACs are measured again.
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from torch import nn
 
 from compress.config import PruneStage
 from compress.data import make_loader
-from compress.deploy import float_runner
+from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
+from compress.stages.families import rules_for
 from eval.complexity import count_macs, count_params
 
 __all__ = ['PruningSpec', 'IMPORTANCE_FACTORIES', 'pruning_spec', 'prune_model', 'search_ratio', 'apply_prune']
@@ -94,9 +94,9 @@ def _generic_spec(model: nn.Module) -> PruningSpec:
 def pruning_spec(model: nn.Module, ignore: list[str] = ()) -> PruningSpec:
     """The generic rules, the model family's own ``pruning_spec`` if it has one, and the recipe's ``ignore``."""
     spec = _generic_spec(model)
-    module = importlib.import_module(type(model).__module__)
-    if hasattr(module, 'pruning_spec'):
-        spec = spec.merge(module.pruning_spec(model))
+    family_spec = rules_for(model).pruning_spec
+    if family_spec is not None:
+        spec = spec.merge(family_spec(model))
     for name, sub in model.named_modules():
         if name and any(name == prefix or name.startswith(prefix + '.') for prefix in ignore):
             if isinstance(sub, (nn.Conv2d, nn.Linear)) and sub not in spec.ignored_layers:
@@ -115,9 +115,9 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
                 grad_batches=None) -> tuple[nn.Module, PruningSpec]:
     """Prune a copy of ``model`` at one channel ratio; returns the pruned copy and the spec that was used."""
     model = copy.deepcopy(model).eval()
-    family = importlib.import_module(type(model).__module__)
-    if hasattr(family, 'pruning_form'):
-        model = family.pruning_form(model)
+    pruning_form = rules_for(model).pruning_form
+    if pruning_form is not None:
+        model = pruning_form(model)
     spec = pruning_spec(model, cfg.ignore)
     pruner = tp.pruner.BasePruner(
         model, example, importance=IMPORTANCE_FACTORIES[cfg.importance](), pruning_ratio=ratio,
@@ -175,7 +175,7 @@ def apply_prune(cfg: PruneStage, model: nn.Module, ctx: StageContext) -> list[St
     else:
         pruned, ratio, spec = search_ratio(model, cfg, example, grad_batches, ctx.input_size, macs_before)
     macs_after, params_after = count_macs(pruned, ctx.input_size), count_params(pruned)
-    coverage = {
+    info = {
         'importance': cfg.importance, 'channel_ratio': round(ratio, 4), 'global': cfg.global_pruning,
         'macs_kept': round(macs_after / macs_before, 4), 'params_kept': round(params_after / params_before, 4),
         'not_pruned': [name for name, m in pruned.named_modules() if m in _ignored_in(pruned, spec)],
@@ -183,9 +183,8 @@ def apply_prune(cfg: PruneStage, model: nn.Module, ctx: StageContext) -> list[St
     }
     notes = [f'{cfg.importance} importance, channel ratio {ratio:.3f}: MACs x{macs_after / macs_before:.3f}, '
              f'params x{params_after / params_before:.3f}'] + spec.notes
-    runner = float_runner(pruned, ctx.eval_cfg)
-    return [StageResult(name='prune', kind='prune', runner=runner, float_model=pruned, next_model=pruned,
-                        seconds=time.perf_counter() - start, coverage=coverage, notes=notes)]
+    return [StageResult(name='prune', kind='prune', artifact=deploy_form(pruned), float_model=pruned,
+                        next_model=pruned, seconds=time.perf_counter() - start, info=info, notes=notes)]
 
 
 def _ignored_in(pruned: nn.Module, spec: PruningSpec) -> list[nn.Module]:

@@ -15,10 +15,9 @@ from torch import nn
 
 from compress.config import QatInt8Stage
 from compress.data import calibration_batches
-from compress.deploy import TorchRunner, deploy_form
+from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
 from compress.stages.distill import DistillationObjective, _renormalization, build_teacher
-from compress.stages.ptq_int8 import pt2e_coverage
 from compress.stages.train import train_model
 
 __all__ = ['apply_qat_int8', 'prepare_qat_x86']
@@ -70,12 +69,9 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
     schedule = _FreezeSchedule(cfg.freeze_observers_at, cfg.freeze_bn_at)
     prepared, summary = train_model(cfg, prepared, ctx, objective=objective, on_step=schedule, desc='qat')
     converted = convert_pt2e(move_exported_model_to_eval(prepared))
-    coverage = pt2e_coverage(converted)
     notes.append(f'{summary["steps"]} QAT steps; observers frozen at {cfg.freeze_observers_at:.0%}, BN at '
                  f'{cfg.freeze_bn_at:.0%}')
-    runner = TorchRunner(converted, compiled=ctx.eval_cfg.compile, label='int8', fixed_batch=ctx.eval_cfg.batch_size)
     return [StageResult(
-        name='qat_int8[x86_pt2e]', kind='qat_int8', runner=runner, float_model=model, next_model=None,
-        precision='int8' if coverage['quantized_weight_fraction'] > 0 else 'fp32', backend='x86_pt2e',
-        seconds=time.perf_counter() - start, coverage={**coverage, 'qat': summary}, notes=notes,
+        name='qat_int8[x86_pt2e]', kind='qat_int8', artifact=converted, float_model=model, next_model=None,
+        backend='x86_pt2e', seconds=time.perf_counter() - start, info={'qat': summary}, notes=notes,
     )]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from compress.config import TrainStage
 from compress.data import make_loader
-from compress.deploy import float_runner
+from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
 
 __all__ = ['apply_train', 'train_model']
@@ -119,11 +119,10 @@ def _eval_mode(model: nn.Module) -> nn.Module:
 def apply_train(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     start = time.perf_counter()
     model, summary = train_model(cfg, model, ctx)
-    runner = float_runner(model, ctx.eval_cfg)
     return [StageResult(
-        name='train', kind='train', runner=runner, float_model=model, next_model=model,
+        name='train', kind='train', artifact=deploy_form(model), float_model=model, next_model=model,
         seconds=time.perf_counter() - start,
         notes=[f'{summary["steps"]} steps, final running loss {summary["train_loss"]}, '
                f'train top-1 {summary["train_top1"]}'],
-        coverage={'train': summary},
+        info={'train': summary},
     )]

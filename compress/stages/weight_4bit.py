@@ -40,152 +40,70 @@ Which layers get 4 bits (found by experiment with NNCF 3.4.0 / torchao 0.18.0; r
   classifier, fails ``out_features % 16``); on ``deit_tiny`` the 48 block Linears (head: 1000 % 16 != 0,
   patch embedding: a conv). By default (``all_layers: false``) the last Linear stays float too, mirroring NNCF.
 
-Coverage: ``int4_weight_fraction`` / ``int8_weight_fraction`` / ``float_weight_fraction`` of the conv+linear
-(conv+matmul) weight elements (they sum to 1), ``quantized_weight_fraction`` = the 4-bit fraction, the layers
-by precision, the group size per 4-bit layer and, for the layers not in 4 bit, why. A row with no 4-bit weight
-is labelled with the precision it really has (``int8`` for NNCF's backup, ``fp32``), never ``int4``; a failed
-backend is reported in the notes and its row is the float model.
+* torchao's conv path in 0.18 (``IntxWeightOnlyConfig(weight_dtype=torch.int4)`` on ``nn.Conv2d``) gives no
+  smaller artifact: it keeps the 4-bit values in int8 storage (``IntxUnpackedToInt8Tensor``; EfficientNet-Lite0's
+  state dict stays 18.87 MB) and fails on depthwise convs (``RuntimeError: shape '[32, 1, 3, 3]' is invalid``), so
+  it is not offered.
+
+What each result holds (4-bit, 8-bit, float fractions, layer by layer) is read from the artifact by the evaluator
+(:mod:`eval.coverage`); the stage records why the layers that did not get 4 bits did not (``info['not_4bit']``). A
+backend that puts no weight in 4 bit makes no result: its reason is recorded, and no "4-bit" row exists.
 """
 from __future__ import annotations
 
 import copy
 import os
-import re
 import time
 
 import torch
 from torch import nn
 
 from compress.config import Weight4BitStage, first_line
-from compress.deploy import OpenVINORunner, TorchRunner, deploy_form, float_runner
+from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
-from compress.stages.ptq_int8 import weight_constant
+from eval.coverage import execution_order, weight_coverage
+from eval.runtimes import to_openvino
 
-__all__ = ['apply_weight_4bit', 'compress_openvino', 'openvino_weight_coverage', 'quantize_torchao_int4',
-           'execution_order']
+__all__ = ['apply_weight_4bit', 'compress_openvino', 'quantize_torchao_int4']
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-_OV_WEIGHTED = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropData', 'GroupConvolutionBackpropData',
-                'MatMul')
-_OV_4BIT = {'i4', 'u4', 'nf4', 'f4e2m1'}
-_OV_8BIT = {'i8', 'u8', 'f8e4m3', 'f8e5m2'}
 _TORCHAO_GROUPS = (128, 64, 32)  # Int4OpaqueTensor.from_hp accepts these only
-
-
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """The conv/linear modules in the order one forward pass calls them (a module called twice appears twice)."""
-    order, handles = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, _WEIGHTED):
-            handles.append(module.register_forward_hook(lambda m, a, o, name=name: order.append((name, m))))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
-def _fractions(elements: dict[str, int]) -> dict:
-    total = sum(elements.values())
-    fraction = {k: round(v / total, 4) if total else 0.0 for k, v in elements.items()}
-    return {
-        'quantized_weight_fraction': fraction['int4'],
-        'int4_weight_fraction': fraction['int4'], 'int8_weight_fraction': fraction['int8'],
-        'float_weight_fraction': fraction['float'],
-        'int4_weight_elements': elements['int4'], 'int8_weight_elements': elements['int8'],
-        'float_weight_elements': elements['float'], 'weight_elements': total,
-    }
 
 
 # --------------------------------------------------------------------------------------------- NNCF → OpenVINO
 
-def _ov_layer_name(op) -> str:
-    name = op.get_friendly_name()
-    match = re.match(r'__module\.([^/]+)/', name)
-    return match.group(1) if match else name
-
-
-def openvino_weight_coverage(ov_model, torch_layers: list[tuple[str, nn.Module]] | None = None) -> dict:
-    """How the conv/matmul weights of an OpenVINO model are stored: 4 bit, 8 bit or float, layer by layer.
-
-    ``torch_layers`` (from :func:`execution_order`) names the layers after the torch modules when the OpenVINO
-    ops match them one to one in order and in weight size (convert_model loses the names of convs it fused a
-    BatchNorm into); otherwise the OpenVINO op names are used.
-    """
-    weighted = []
-    for op in ov_model.get_ordered_ops():
-        if op.get_type_name() not in _OV_WEIGHTED:
-            continue
-        constant = weight_constant(op.input_value(1).get_node())
-        if constant is None:  # activation x activation matmul (attention): no weight
-            continue
-        shape = [int(d) for d in constant.get_output_shape(0)]
-        count = 1
-        for dim in shape:
-            count *= dim
-        weighted.append((op, constant, shape, count))
-    names = [_ov_layer_name(op) for op, *_ in weighted]
-    named_from = 'openvino op names'
-    if torch_layers and len(torch_layers) == len(weighted) and all(
-            module.weight.numel() == count for (_, module), (*_, count) in zip(torch_layers, weighted)):
-        names = [name for name, _ in torch_layers]
-        named_from = 'torch modules (matched by execution order and weight size)'
-
-    elements = {'int4': 0, 'int8': 0, 'float': 0}
-    layers: dict[str, list[str]] = {'int4': [], 'int8': [], 'float': []}
-    group_sizes: dict[str, int] = {}
-    backup_8bit, left_float = [], []
-    last_matmul = max((i for i, (op, *_) in enumerate(weighted) if op.get_type_name() == 'MatMul'), default=None)
-    for index, ((op, constant, shape, count), name) in enumerate(zip(weighted, names)):
-        element_type = constant.get_element_type().get_type_name()
-        if element_type in _OV_4BIT:
-            precision = 'int4'
-            # grouped weights are stored as [out, groups, group_size]; per channel as [out, in]
-            group_sizes[name] = shape[-1] if len(shape) == 3 and op.get_type_name() == 'MatMul' else -1
-        elif element_type in _OV_8BIT:
-            precision = 'int8'
-            if op.get_type_name() != 'MatMul':
-                why = 'convolution: NNCF 3.4 compresses convolutions (1x1 and depthwise too) only to the 8-bit backup'
-            elif index == last_matmul:
-                why = 'last MatMul: 8-bit backup unless all_layers'
-            else:
-                why = '8-bit backup (ratio < 1 or no usable group size)'
-            backup_8bit.append({'layer': name, 'op': op.get_type_name(), 'why': why})
-        else:
-            precision = 'float'
-            left_float.append({'layer': name, 'op': op.get_type_name(),
-                               'why': f'left in {element_type} by nncf.compress_weights'})
-        elements[precision] += count
-        layers[precision].append(name)
-    coverage = _fractions(elements)
-    coverage.update({
-        'layer_counts': {k: len(v) for k, v in layers.items()}, 'layers': layers,
-        'int4_group_sizes': group_sizes, 'backup_8bit': backup_8bit, 'not_quantized': left_float,
-        'layer_names_from': named_from,
-    })
-    return coverage
-
-
-def compress_openvino(model: nn.Module, example: torch.Tensor, cfg: Weight4BitStage) -> tuple[object, object, dict]:
+def compress_openvino(model: nn.Module, example: torch.Tensor, cfg: Weight4BitStage) -> tuple[object, object]:
     """Convert to OpenVINO (dynamic batch) and compress the weights to 4 bit with NNCF, data-free.
 
-    Returns the compressed model, the float OpenVINO model it came from and the coverage.
+    Returns the compressed model and the float OpenVINO model it came from.
     """
     os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')
     import nncf
-    import openvino as ov
 
-    ov_model = ov.convert_model(model.eval(), example_input=example)
-    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
-    float_model = ov_model.clone()  # compress_weights rewrites its argument in place
+    float_model = to_openvino(model, example)
     mode = nncf.CompressWeightsMode.INT4_SYM if cfg.mode == 'int4_sym' else nncf.CompressWeightsMode.INT4_ASYM
-    compressed = nncf.compress_weights(
-        ov_model, mode=mode, group_size=cfg.group_size, ratio=cfg.ratio, all_layers=cfg.all_layers,
+    compressed = nncf.compress_weights(  # rewrites its argument in place
+        float_model.clone(), mode=mode, group_size=cfg.group_size, ratio=cfg.ratio, all_layers=cfg.all_layers,
         advanced_parameters=nncf.AdvancedCompressionParameters(
             group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST))
-    return compressed, float_model, openvino_weight_coverage(compressed, execution_order(model, example))
+    return compressed, float_model
+
+
+def _nncf_not_4bit(coverage: dict, op_of: dict[str, str], last_matmul: str | None) -> list[dict]:
+    """Why each layer NNCF did not put in 4 bit stayed in 8 bit (or float)."""
+    reasons = []
+    for precision in ('int8', 'float'):
+        for layer in coverage['layers'][precision]:
+            op = op_of.get(layer, '?')
+            if precision == 'float':
+                why = 'left in float by nncf.compress_weights'
+            elif op != 'MatMul':
+                why = 'convolution: NNCF 3.4 compresses convolutions (1x1 and depthwise too) only to the 8-bit backup'
+            elif layer == last_matmul:
+                why = 'last MatMul: 8-bit backup unless all_layers'
+            else:
+                why = '8-bit backup (ratio < 1 or no usable group size)'
+            reasons.append({'layer': layer, 'op': op, 'precision': precision, 'why': why})
+    return reasons
 
 
 # --------------------------------------------------------------------------------------------------- torchao
@@ -204,12 +122,15 @@ def _torchao_group(in_features: int, requested: int) -> int | None:
 
 
 def quantize_torchao_int4(model: nn.Module, example: torch.Tensor, group_size: int = 128,
-                          all_layers: bool = False) -> tuple[nn.Module, dict]:
+                          all_layers: bool = False) -> tuple[nn.Module, dict[str, int], dict[str, str]]:
     """A copy of ``model`` whose eligible ``nn.Linear`` weights are torchao CPU int4 (``Int4OpaqueTensor``).
 
     Eligible: ``out_features % 16 == 0`` and ``in_features`` divisible by the group size (the largest of
     128/64/32 not above ``group_size`` that divides it); not the last Linear unless ``all_layers``. An int4
     layer's input is cast to bf16 and its output back (fp32 activations make the CPU kernel ~40x slower).
+
+    Returns:
+        The copy, the group size of each int4 layer, and why each other conv / linear layer is not int4.
     """
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
@@ -219,8 +140,7 @@ def quantize_torchao_int4(model: nn.Module, example: torch.Tensor, group_size: i
     if requested < min(_TORCHAO_GROUPS):
         raise ValueError(f'torchao CPU int4 supports group sizes 32/64/128, not {group_size}')
     quantized = copy.deepcopy(model).eval()
-    order = execution_order(quantized, example)
-    linears = [name for name, module in order if isinstance(module, nn.Linear)]
+    linears = [name for name, module in execution_order(quantized, example) if isinstance(module, nn.Linear)]
     last_linear = linears[-1] if linears else None
 
     plan: dict[str, int] = {}
@@ -236,7 +156,7 @@ def quantize_torchao_int4(model: nn.Module, example: torch.Tensor, group_size: i
                 why_not[name] = 'last Linear: kept float unless all_layers'
             else:
                 plan[name] = group
-        elif isinstance(module, _WEIGHTED):
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             why_not[name] = 'convolution: torchao int4 covers Linear only'
 
     modules = dict(quantized.named_modules())
@@ -255,34 +175,14 @@ def quantize_torchao_int4(model: nn.Module, example: torch.Tensor, group_size: i
             module.to(torch.float32)
             why_not[name] = 'skipped by torchao'
             del plan[name]
-
-    elements = {'int4': 0, 'int8': 0, 'float': 0}
-    layers: dict[str, list[str]] = {'int4': [], 'int8': [], 'float': []}
-    packed_bytes = 0
-    for name, module in quantized.named_modules():
-        if not isinstance(module, _WEIGHTED):
-            continue
-        precision = 'int4' if name in plan else 'float'
-        elements[precision] += module.weight.numel()
-        layers[precision].append(name)
-        if name in plan:
-            weight = module.weight
-            packed_bytes += sum(t.numel() * t.element_size() for t in (weight.qdata, weight.scale_and_zero))
-    coverage = _fractions(elements)
-    coverage.update({
-        'layer_counts': {k: len(v) for k, v in layers.items()}, 'layers': layers, 'int4_group_sizes': plan,
-        'not_quantized': [{'layer': name, 'op': type(modules[name]).__name__, 'why': why}
-                          for name, why in why_not.items()],
-        'int4_packed_bytes': packed_bytes, 'int4_activation_dtype': 'bfloat16',
-    })
-    return quantized, coverage
+    return quantized, plan, why_not
 
 
 # ------------------------------------------------------------------------------------------------------ stage
 
-def _group_size_note(coverage: dict, requested: int) -> str | None:
+def _group_size_note(group_sizes: dict[str, int], requested: int) -> str | None:
     adjusted = {}
-    for group in coverage.get('int4_group_sizes', {}).values():
+    for group in group_sizes.values():
         if group != requested:
             adjusted[group] = adjusted.get(group, 0) + 1
     if not adjusted:
@@ -291,74 +191,64 @@ def _group_size_note(coverage: dict, requested: int) -> str | None:
         f'{count} layers at group {group}' for group, count in sorted(adjusted.items(), key=lambda kv: -kv[0]))
 
 
+def _one_line_reasons(reasons: list[dict]) -> str:
+    by_why: dict[str, int] = {}
+    for reason in reasons:
+        by_why[reason['why']] = by_why.get(reason['why'], 0) + 1
+    return '; '.join(f'{count} layer(s): {why}' for why, count in by_why.items())
+
+
 def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     example = torch.zeros(1, *ctx.input_size)
     deploy_model = deploy_form(model)  # the plain layers the compressors know
     results = []
     for backend in cfg.backend:
         start = time.perf_counter()
-        references = {}
-        notes: list[str] = []
+        references, notes, info, failed = {}, [], {}, None
         try:
             if backend == 'nncf_openvino':
-                compressed, float_ov, coverage = compress_openvino(deploy_model, example, cfg)
-                runner = OpenVINORunner(compressed, label='int4', precision='f32')
-                # OpenVINO's own fp32 (f32 hint) separates the runtime's gain from the compression's
-                references = {'openvino_fp32': OpenVINORunner(float_ov, label='fp32', precision='f32')}
-                coverage['runtime_precisions'] = {p: len(n) for p, n in runner.runtime_precisions().items()}
+                artifact, float_ov = compress_openvino(deploy_model, example, cfg)
+                references['openvino fp32'] = float_ov
+                torch_layers = execution_order(deploy_model, example)
+                coverage = weight_coverage(artifact, torch_layers)
+                op_of = {}
+                for (name, module) in torch_layers:
+                    op_of[name] = 'MatMul' if isinstance(module, nn.Linear) else 'Convolution'
+                last_matmul = next((name for name, module in reversed(torch_layers) if isinstance(module, nn.Linear)),
+                                   None)
+                info['not_4bit'] = _nncf_not_4bit(coverage, op_of, last_matmul)
+                info['group_sizes'] = coverage['int4_group_sizes']
                 notes.append(f'nncf.compress_weights {cfg.mode}, group {cfg.group_size}, ratio {cfg.ratio}, '
                              f'all_layers {cfg.all_layers}, data-free')
-                if coverage['backup_8bit']:
-                    convs = sum(1 for layer in coverage['backup_8bit'] if layer['op'] != 'MatMul')
-                    notes.append(f'{len(coverage["backup_8bit"])} layers in 8 bit (NNCF backup), {convs} of them '
-                                 f'convolutions (never 4 bit in NNCF 3.4): '
-                                 f'{coverage["int8_weight_fraction"]:.0%} of the weights')
+                group_note = _group_size_note(coverage['int4_group_sizes'], cfg.group_size)
             else:
-                quantized, coverage = quantize_torchao_int4(deploy_model, example, cfg.group_size, cfg.all_layers)
-                runner = TorchRunner(quantized, compiled=ctx.eval_cfg.compile, label='int4',
-                                     fixed_batch=ctx.eval_cfg.batch_size)
+                artifact, plan, why_not = quantize_torchao_int4(deploy_model, example, cfg.group_size, cfg.all_layers)
+                coverage = weight_coverage(artifact)
+                info['not_4bit'] = [{'layer': name, 'precision': 'float', 'why': why} for name, why in why_not.items()]
+                info['group_sizes'] = plan
                 notes.append('torchao PrototypeInt4WeightOnlyConfig (asymmetric, tinygemm) on Linear; int4 layers '
-                             'take bf16 activations, the rest runs fp32; '
-                             + ('torch.compile' if ctx.eval_cfg.compile else 'eager'))
+                             'take bf16 activations, the rest runs fp32')
                 if cfg.mode == 'int4_sym':
                     notes.append('mode int4_sym not available in torchao CPU int4: weights are asymmetric')
                 if cfg.group_size == -1:
                     notes.append('torchao CPU int4 has no per-channel mode: group 128 used')
                 if cfg.ratio < 1:
                     notes.append(f'ratio {cfg.ratio} applies to nncf_openvino only: every eligible Linear is int4')
-                convs = [n for n in coverage['not_quantized'] if n['why'].startswith('convolution')]
-                if convs:
-                    conv_elements = sum(dict(deploy_model.named_modules())[n['layer']].weight.numel() for n in convs)
-                    notes.append(f'torchao int4 covers Linear only: {len(convs)} conv layer(s) '
-                                 f'({conv_elements / max(coverage["weight_elements"], 1):.0%} of the weights) '
-                                 f'stay float')
-                if coverage['int4_weight_elements']:
-                    notes.append(f'size_mb = torch.save of the state dict, int4 packed: {coverage["int4_packed_bytes"]}'
-                                 f' bytes (uint8 qdata + bf16 scale/zero) for {coverage["int4_weight_elements"]}'
-                                 f' weights')
-            group_note = _group_size_note(coverage, 128 if cfg.group_size == -1 and backend == 'torchao'
-                                          else cfg.group_size)
+                group_note = _group_size_note(plan, 128 if cfg.group_size == -1 else cfg.group_size)
             if group_note:
                 notes.append(group_note)
-            if coverage['int4_weight_fraction'] > 0:
-                precision = 'int4'
-            elif coverage['int8_weight_fraction'] > 0:
-                precision = 'int8'
-                notes.append('no weight in 4 bit: every compressed layer is in the 8-bit backup')
-            else:
-                precision = 'fp32'
-                notes.append('no weight in 4 bit: the row is the float model')
-        except Exception as error:  # unavailable config/kernel or a failed conversion: keep the float model
-            runner = float_runner(model, ctx.eval_cfg)
-            coverage = {'quantized_weight_fraction': 0.0, 'failed': f'{type(error).__name__}: {first_line(error)}'}
-            notes.append(f'{backend} failed, row is the float model: {coverage["failed"]}')
-            precision = 'fp32'
-        if coverage.get('not_quantized'):
-            notes.append(f'{len(coverage["not_quantized"])} weighted layers left in float, e.g. '
-                         f'{coverage["not_quantized"][0]["layer"]} ({coverage["not_quantized"][0]["why"]})')
+            if info['not_4bit']:
+                notes.append('not in 4 bit: ' + _one_line_reasons(info['not_4bit']))
+            if coverage['int4_weight_fraction'] == 0:
+                artifact, references = None, {}
+                failed = f'{backend} put no weight in 4 bit: ' + (_one_line_reasons(info['not_4bit'])
+                                                                  or 'the model has no conv / linear weights')
+        except Exception as error:  # unavailable config or kernel, or a failed conversion
+            artifact, references = None, {}
+            failed = f'{backend} failed: {type(error).__name__}: {first_line(error)}'
         results.append(StageResult(
-            name=f'weight_4bit[{backend}]', kind='weight_4bit', runner=runner, float_model=model, next_model=None,
-            precision=precision, backend=backend, seconds=time.perf_counter() - start, coverage=coverage,
-            notes=notes, reference_runners=references,
+            name=f'weight_4bit[{backend}]', kind='weight_4bit', artifact=artifact, float_model=model,
+            next_model=None, backend=backend, seconds=time.perf_counter() - start, notes=notes, info=info,
+            references=references, failed=failed,
         ))
     return results

@@ -1,6 +1,6 @@
 """Where the CPU time goes: per-op / per-layer profile of any timm model, fp32 vs int8.
 
-    python -m eval.profile spartan_t --input-size 224 --batch 32 --backend both --top 25
+    python -m compress.layer_profile spartan_t --input-size 224 --batch 32 --backend both --top 25
 
 Builds the model (random init), then, single-threaded and in one process:
 
@@ -9,18 +9,17 @@ Builds the model (random init), then, single-threaded and in one process:
   oneDNN conv / linear calls are mapped back to module names through their input and weight shapes; every other
   kernel is attributed to the module of the conv / linear that ran just before it ("after <module>").
 * OpenVINO: the CPU plugin's performance counters (``PERF_COUNT``) on the fp32 model (f32 hint) and on the NNCF
-  int8 model; rows are grouped by layer type and exec type (e.g. ``Convolution [brgconv_avx512_I8]``), with the
-  module names parsed from the layer names.
-* totals: CPU time per batch (``time.process_time``, median of interleaved rounds, no profiler attached) for fp32
-  eager, every compiled / OpenVINO variant, and the int8 / fp32 ratio of each backend.
+  int8 model (NNCF settings from the model, as in a recipe); rows are grouped by layer type and exec type (e.g.
+  ``Convolution [brgconv_avx512_I8]``), with the module names parsed from the layer names.
+* totals: one timing session (``eval.timing``, the mechanism every run uses: interleaved rounds, process CPU time,
+  no profiler attached) over fp32 eager and every compiled / OpenVINO variant, and each backend's int8 speedup over
+  its fp32 with its 95 % interval.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import statistics
-import time
 from collections import defaultdict
 
 import timm
@@ -29,6 +28,10 @@ from torch import nn
 
 import compress.models  # noqa: F401  (registers the project's models with timm)
 from compress.deploy import deploy_form
+from compress.stages.ptq_int8 import nncf_settings, quantize_openvino, quantize_x86_pt2e
+from eval.coverage import weight_coverage
+from eval.runtimes import compile_for_cpu
+from eval.timing import speedup, throughput, time_forms
 
 __all__ = ['profile_model', 'print_profile']
 
@@ -159,38 +162,14 @@ def _ov_profile(compiled, images, iters: int, top: int) -> dict:
     return _summary(items, top, iters)
 
 
-def _cpu_ms(fns: dict, images, rounds: int) -> dict:
-    """Median process CPU time per call (ms), variants interleaved round by round."""
-    times = defaultdict(list)
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(images)
-        for _ in range(rounds):
-            for label, fn in fns.items():
-                start = time.process_time()
-                fn(images)
-                times[label].append(1000 * (time.process_time() - start))
-    return {label: statistics.median(t) for label, t in times.items()}
-
-
-def _compile(module: nn.Module):
-    """``compress.deploy.compile_for_cpu`` without its dynamo reset (which would recompile the earlier variants)."""
-    import copy
-    torch._inductor.config.freezing = True
-    module = copy.deepcopy(module)
-    return torch.compile(module if isinstance(module, torch.fx.GraphModule) else module.eval(), dynamic=False)
-
-
 def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backend: str = 'both', top: int = 25,
                   iters: int = 2, rounds: int = 3, calib_batches: int = 2, reparameterize: bool = False,
-                  model_ignored_scope: bool = False, model: nn.Module | None = None, **model_kwargs) -> dict:
+                  model: nn.Module | None = None, min_seconds: float = 0.3, **model_kwargs) -> dict:
     """Profile fp32 (eager, compiled) and int8 of ``model_name``; returns totals and per-op rows per variant.
 
-    ``reparameterize`` profiles the deploy form (``timm.models.reparameterize_model``: every ``fuse()`` /
-    ``reparameterize()``) for all variants; ``model_ignored_scope`` passes the model's ``nncf_ignored_scope()`` (if it
-    has one) to ``nncf.quantize``; ``model`` overrides the timm build. Row times are ms per batch.
+    ``reparameterize`` profiles the deploy form (``compress.deploy.deploy_form``: every ``fuse()`` /
+    ``reparameterize()``) for all variants; ``model`` overrides the timm build. Row times are ms per batch.
     """
-    from compress.stages.ptq_int8 import openvino_coverage, quantize_x86_pt2e
     import torch._inductor.config as inductor_config
     os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')
     torch.set_num_threads(1)
@@ -206,31 +185,26 @@ def profile_model(model_name: str, input_size: int = 224, batch: int = 32, backe
     result = {'model': model_name + (' (reparameterized)' if reparameterize else ''), 'batch': batch,
               'input_size': input_size}
     if backend in ('x86_pt2e', 'both'):
-        variants['torch fp32 compiled'] = _compile(model)
+        variants['torch fp32 compiled'] = compile_for_cpu(model, 'torch fp32 compiled')
         with torch.no_grad():
-            variants['torch fp32 compiled'](images)  # compile now, not inside the timed rounds
-        graph, coverage = quantize_x86_pt2e(model, calib)
-        variants['torch int8 compiled'] = _compile(graph)
-        result['pt2e_coverage'] = coverage['quantized_weight_fraction']
+            variants['torch fp32 compiled'](images)  # compile now, not inside the profile
+        graph = quantize_x86_pt2e(model, calib)
+        variants['torch int8 compiled'] = compile_for_cpu(graph, 'torch int8 compiled')
+        result['pt2e_coverage'] = weight_coverage(graph)['int8_weight_fraction']
         for label in ('torch fp32 compiled', 'torch int8 compiled'):
             result[label] = _torch_profile(variants[label], images, signatures, iters, top)
     if backend in ('openvino', 'both'):
-        import openvino as ov
-        fp32_ov = ov.convert_model(model, example_input=images[:1])
-        fp32_ov.reshape({fp32_ov.inputs[0]: ov.PartialShape([-1, 3, input_size, input_size])})
-        import nncf  # as compress.stages.ptq_int8.quantize_openvino, optionally with the model's ignored scope
-        scope = getattr(model, 'nncf_ignored_scope', None) if model_ignored_scope else None
-        int8_ov = nncf.quantize(fp32_ov, nncf.Dataset(calib, lambda x: x.numpy()), subset_size=len(calib) * len(calib[0]),
-                                target_device=nncf.TargetDevice.CPU, **({'ignored_scope': scope()} if scope else {}))
-        result['openvino_coverage'] = openvino_coverage(int8_ov)['quantized_weight_fraction']
+        int8_ov, fp32_ov = quantize_openvino(model, calib, nncf_settings(model, images.shape[1:]))
+        result['openvino_coverage'] = weight_coverage(int8_ov)['int8_weight_fraction']
         for label, ov_model in (('openvino fp32', fp32_ov), ('openvino int8', int8_ov)):
             result[label] = _ov_profile(_ov_compile(ov_model, perf=True), images, iters, top)
             compiled = _ov_compile(ov_model, perf=False)
             variants[label] = lambda x, c=compiled: c(x.numpy())
-    result['cpu_ms'] = _cpu_ms(variants, images, rounds)
-    ms = result['cpu_ms']
-    result['ratios'] = {f'{b} int8 / fp32': ms[f'{b} int8{c}'] / ms[f'{b} fp32{c}'] for b, c in
-                        (('torch', ' compiled'), ('openvino', '')) if f'{b} int8{c}' in ms}
+    session = time_forms(variants, images.shape[1:], [batch], rounds=rounds, min_seconds=min_seconds)
+    result['timing'] = session
+    result['cpu_ms'] = {label: 1000 * batch / throughput(session, label, batch)['img_s_cpu'] for label in variants}
+    result['speedups'] = {f'{b} int8 / fp32': speedup(session, f'{b} int8{c}', f'{b} fp32{c}', batch) for b, c in
+                          (('torch', ' compiled'), ('openvino', '')) if f'{b} int8{c}' in variants}
     return result
 
 
@@ -252,11 +226,11 @@ def print_profile(result: dict, top: int = 25) -> None:
             print(f'  {title}:')
             for module, ms in prof[key][:12]:
                 print(f"{ms:9.2f} {100 * ms / prof['total_ms']:5.1f}  {module}")
-    print('\n--- totals: CPU time per batch (median of interleaved rounds, no profiler)')
+    print(f'\n--- totals: CPU time per batch (median of {result["timing"]["rounds"]} interleaved rounds, no profiler)')
     for label, ms in result['cpu_ms'].items():
         print(f'{label:<22} {ms:9.1f} ms  {1000 * batch / ms:8.1f} img/s')
-    for label, ratio in result['ratios'].items():
-        print(f'{label:<28} time ratio {ratio:.3f}  (speedup {1 / ratio:.2f}x)')
+    for label, (median, low, high) in result['speedups'].items():
+        print(f'{label:<28} speedup {median:.2f}x [{low:.2f}, {high:.2f}]')
 
 
 def main(argv=None) -> None:
@@ -267,14 +241,12 @@ def main(argv=None) -> None:
     parser.add_argument('--backend', choices=('x86_pt2e', 'openvino', 'both'), default='both')
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--iters', type=int, default=2, help='profiled iterations per variant')
-    parser.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds')
+    parser.add_argument('--rounds', type=int, default=6, help='interleaved timing rounds')
     parser.add_argument('--reparameterize', action='store_true',
-                        help='profile the deploy form (timm.models.reparameterize_model)')
-    parser.add_argument('--model-ignored-scope', action='store_true',
-                        help="quantize for OpenVINO with the model's nncf_ignored_scope(), if it has one")
+                        help='profile the deploy form (compress.deploy.deploy_form)')
     args = parser.parse_args(argv)
     result = profile_model(args.model, args.input_size, args.batch, args.backend, args.top, args.iters, args.rounds,
-                           reparameterize=args.reparameterize, model_ignored_scope=args.model_ignored_scope)
+                           reparameterize=args.reparameterize)
     print_profile(result, args.top)
 
 
