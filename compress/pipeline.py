@@ -82,6 +82,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         recipe_path: where the recipe came from, for the record.
     """
     started = time.perf_counter()
+    code_version = git_hash()  # the code that runs now, whatever happens to the tree during the run
     torch.manual_seed(cfg.seed)
     need_calib = any(s.kind in QUANTIZE_KINDS or s.kind == 'prune' for s in cfg.stages)
     need_train = any(s.kind in TRAINING_KINDS for s in cfg.stages)
@@ -168,7 +169,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
                  'train_images': len(data.train) if data.train is not None else None,
                  'root': str(Path(cfg.data.root)) if cfg.data.root else None},
         'env': {**environment(), 'processes': accelerator.num_processes, 'eval_threads': cfg.eval.threads},
-        'git_hash': git_hash(),
+        'git_hash': code_version,
         'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
         'stages': rows.public(),
         'timing': timing,
@@ -208,14 +209,17 @@ def _time_every_row(rows: _Rows, baseline: StageResult, cfg: RecipeConfig) -> di
         if label not in runners:
             continue
         runner = runners[label]
-        metrics = {'runtime': runner.runtime, 'precision': 'fp32', 'size_mb': round(runner.size_mb(), 3),
-                   **speed_metrics(session, label, {'fp32': BASELINE, 'bf16': BF16 if BF16 in runners else None})}
         if label == EAGER:
-            note, position = f'timed only: {BASELINE} run eagerly', _position(rows.entries, BASELINE) + 1
+            source, note = BASELINE, f'timed only: {BASELINE} run eagerly'
+            position = _position(rows.entries, BASELINE) + 1
         else:
             row = rows.references[label][1]
-            note = f'timed only: the float model {row} was made from, in OpenVINO (f32 hint)'
+            source = next(entry['before'] for entry in rows.entries if entry['name'] == row)
+            note = f'timed only: the float model {row} was made from ({source}), in OpenVINO (f32 hint)'
             position = _position(rows.entries, row)
+        complexity = {key: rows.metrics[source][key] for key in ('params_m', 'gmacs')}
+        metrics = {'runtime': runner.runtime, 'precision': 'fp32', **complexity, 'size_mb': round(runner.size_mb(), 3),
+                   **speed_metrics(session, label, {'fp32': BASELINE, 'bf16': BF16 if BF16 in runners else None})}
         rows.entries.insert(position, {'name': label, 'kind': 'reference', 'backend': runner.runtime.split()[0],
                                        'before': None, 'seconds': 0.0, 'metrics': metrics, 'notes': [note]})
     for line in _speed_lines(rows.entries, session):
