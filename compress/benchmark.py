@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -66,7 +67,7 @@ def _prune(model, shape, prune_ratio: float, prune_by: str, round_to: int):
 
 
 def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size: int | None = None,
-                    backends=('x86_pt2e', 'openvino'), rounds: int = 7, min_seconds: float = 0.3,
+                    backends=('x86_pt2e', 'openvino'), rounds: int = 9, min_seconds: float = 0.3,
                     prune_ratio: float | None = None, prune_by: str = 'channels', round_to: int = 8,
                     tolerance: float = 0.05, max_attempts: int = 3, measure: str = 'cpu') -> dict:
     """Params, MACs, and the speed of every deployed form of one model; see the module docstring."""
@@ -149,10 +150,20 @@ def default_columns(batches) -> list[str]:
     return columns + ['pt2e_int8_w8', 'ov_int8_w8', 'noisy']
 
 
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     batches = sorted({int(key.rsplit('_bs', 1)[1]) for row in rows for key in row if key.startswith('aa_bs')})
     columns = [c for c in (columns or default_columns(batches)) if any(c in row for row in rows)]
-    print(tabulate([[_cell(row.get(c)) for c in columns] for row in rows], columns, tablefmt='github'))
+    return tabulate([[_cell(row.get(c)) for c in columns] for row in rows], columns, tablefmt='github')
+
+
+def _provenance(meta: dict) -> str:
+    """The line under a generated table: what made the file, when, from which code, on what, under what load."""
+    env = meta.get('env', {})
+    versions = env.get('versions', {})
+    return (f'Generated from `{meta.get("file")}`, written by `{meta.get("command")}` at git {meta.get("git_hash")} '
+            f'on {str(meta.get("date", ""))[:10]}; {env.get("cpu", {}).get("model", "?")}, torch '
+            f'{versions.get("torch")}, openvino {versions.get("openvino")}; load average '
+            f'{env.get("load_average")} before, {meta.get("load_after")} after.')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--input-size', type=int)
     parser.add_argument('--backends', nargs='+', default=['x86_pt2e', 'openvino'], choices=['x86_pt2e', 'openvino'])
-    parser.add_argument('--rounds', type=int, default=7, help='interleaved rounds over all forms (6+: 95 %% interval)')
+    parser.add_argument('--rounds', type=int, default=9, help='interleaved rounds over all forms (6+: 95 %% interval)')
     parser.add_argument('--min-seconds', type=float, default=0.3, help='each form timed at least this long per round')
     parser.add_argument('--measure', choices=['cpu', 'wall'], default='cpu', help='what the ratios divide')
     parser.add_argument('--prune', type=float, nargs='*', default=[],
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--json', help='also write the rows, with git hash, date, environment and load, to this file')
     parser.add_argument('--from-json', help='print the table of rows saved by --json, measuring nothing')
     parser.add_argument('--columns', nargs='+', help='print only these columns (names as in the JSON rows)')
+    parser.add_argument('--readme', help='with --from-json: also write the table into this Markdown file, between '
+                                         'the lines <!-- benchmark: FILE --> and <!-- end of benchmark: FILE -->')
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if not timm.models.is_model(m)]
     if unknown:
@@ -186,20 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 3:
         print('error: --rounds: at least 3 (6 or more for a 95 % interval)', file=sys.stderr)
         return 2
-    rows = []
+    rows, meta = [], {}
     if args.from_json:
         try:
             with open(args.from_json) as handle:
                 saved = json.load(handle)
-            rows = saved['rows']
+            rows, meta = saved['rows'], {**saved['meta'], 'file': args.from_json}
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f'error: --from-json: cannot read {args.from_json} ({type(error).__name__}: {error}); give a file '
                   f'written by --json', file=sys.stderr)
             return 2
+    if args.readme and not args.from_json:
+        print('error: --readme writes a saved table: pass --from-json FILE too', file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    meta = {'command': 'python -m compress.benchmark ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-            'git_hash': git_hash(), 'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'env': environment()}
+    command = 'python -m compress.benchmark ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    meta = meta or {'command': command, 'git_hash': git_hash(),
+                    'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'env': environment()}
     for name in args.models:
         for ratio in ([] if args.pruned_only and args.prune else [None]) + args.prune:
             row = benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.rounds,
@@ -207,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                                   measure=args.measure)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != 'timing'}), flush=True)
-    print_table(rows, args.columns)
+    table = format_table(rows, args.columns)
+    print(table)
+    if args.readme:
+        from eval.tables import replace_block
+        replace_block(Path(args.readme), f'<!-- benchmark: {args.from_json} -->',
+                      f'<!-- end of benchmark: {args.from_json} -->', f'{table}\n\n{_provenance(meta)}')
     if args.json:
         meta['load_after'] = environment()['load_average']
         with open(args.json, 'w') as handle:

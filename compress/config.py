@@ -308,8 +308,9 @@ class EvalConfig:
     throughput: bool = True
     throughput_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     threads: int = field(default=1, metadata={'help': 'CPU threads while timing (1: stable on shared machines)'})
-    rounds: int = field(default=7, metadata={
-        'help': 'interleaved timing rounds (each times every form once); 6+ gives a 95 % interval'})
+    rounds: int = field(default=9, metadata={
+        'help': 'interleaved timing rounds (each times every form once); 6+ give a 95 % interval, 9+ one that '
+                'ignores the most extreme round on each side'})
     min_seconds: float = field(default=0.3, metadata={'help': 'each form is timed at least this long per round'})
     warmup: int = field(default=2, metadata={'help': 'calls of each form before the rounds'})
     measure: str = field(default='cpu', metadata={

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import pickle
 import sys
-import types
 from pathlib import Path
 
 import timm
@@ -30,45 +29,35 @@ class _InertObject:
         pass
 
 
-class _MetadataTolerantUnpickler(pickle.Unpickler):
-    """torch's weights-only allow-list, with every other class replaced by an inert stand-in.
-
-    Training scripts often save their config object next to the weights (the official SpaRTAN checkpoints pickle
-    an OmegaConf ``DictConfig``); ``weights_only=True`` refuses such files. This reads them without importing or
-    running anything outside the allow-list: the foreign objects come back as empty stand-ins, the tensors intact.
-    """
-
-    def find_class(self, module: str, name: str):
-        allowed = _weights_only_globals()
-        key = f'{module}.{name}'
-        if key in allowed:
-            return allowed[key]
-        return type(name, (_InertObject,), {'__module__': f'inert.{module}'})
-
-
-def _weights_only_globals() -> dict:
-    from torch._weights_only_unpickler import _get_allowed_globals
-    return _get_allowed_globals()
-
-
-_TOLERANT_PICKLE = types.SimpleNamespace(Unpickler=_MetadataTolerantUnpickler, load=pickle.load,
-                                         __name__='metadata_tolerant_pickle')
-
-
 def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; a file that also pickles foreign objects (training scripts often save their
+    config next to the weights: the official SpaRTAN checkpoints pickle an OmegaConf ``DictConfig``) is read again,
+    still weights-only, with every global it names that torch does not allow replaced by an inert stand-in
+    (``torch.serialization.safe_globals``): the tensors come back intact, nothing foreign is imported or run."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' not in str(e):
             raise
-        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_TOLERANT_PICKLE)
+    foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type(name.rsplit('.', 1)[-1], (_InertObject,), {'__module__': f'inert.{name}'}), name)
+                 for name in foreign]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:  # torch blocks some modules (os, subprocess, ...) even as stand-ins
+        raise UnsafeCheckpoint(', '.join(foreign)) from None
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose pickle calls functions weights-only loading never runs (the message names them)."""
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely, unwrap ``state_dict``/``model`` and strip ``module.``.
 
-    ``.safetensors`` files load as they are; others with ``weights_only=True``, or, when the file also pickles
-    foreign metadata objects, with :class:`_MetadataTolerantUnpickler` (same allow-list, inert stand-ins).
+    ``.safetensors`` files load as they are; others with ``weights_only=True``, foreign metadata objects replaced
+    by inert stand-ins (see :func:`_torch_load`).
     """
     path = Path(path)
     try:
@@ -77,6 +66,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = _torch_load(path)
+    except UnsafeCheckpoint as e:
+        raise RecipeError(f'model.checkpoint: refused {path}: its pickle calls {e}, which is code, not weights; '
+                          f'load only checkpoints of tensors (re-save it as a state dict or .safetensors)') from None
     except Exception as e:
         reason = first_line(e, 160)
         raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '

@@ -7,18 +7,23 @@ same module timed minutes apart differs by up to 2x, so figures are never divide
   ``min_seconds``), in an order rotated from round to round, so drift in load and position effects hit every
   form alike. A ratio is the median of its per-round ratios, with the order-statistic 95 % interval of that
   median (:func:`eval.stats.median_ci`).
-* **CPU time and wall time.** Each block is a ``torch.utils.benchmark.Timer.timeit`` (which fixes the torch thread
-  count and warms up with two calls first) and records the wall time and the process CPU time of its timed calls. With one compute thread, time-slicing by other processes
-  inflates wall time but not CPU time, so ratios use CPU time (``measure='cpu'``) unless told otherwise; img/s
-  columns are wall clock. OpenVINO runs with one inference thread, on the calling thread (measured: its other
+* **CPU time and wall time.** Each block runs under ``torch.utils.benchmark``'s thread setting, starts with one
+  untimed call (the caches after switching forms; skipped where one call already fills the block, as it would
+  double the block and a cold start is a small part of it), and records the wall time and the process CPU time of
+  its timed calls. With one compute thread, time-slicing by other processes inflates wall time but not CPU time,
+  so ratios use CPU time (``measure='cpu'``) unless told otherwise; img/s columns are wall clock. OpenVINO runs with one inference thread, on the calling thread (measured: its other
   threads used no CPU during any block), so its CPU time is comparable.
 * **A/A control.** The reference form is timed twice, as two separately built forms. Their ratio must lie within
   ``1 ± tolerance`` (its whole interval); if it does not, more rounds are added (up to ``max_attempts`` times
   the rounds); if it still does not, the session is marked ``noisy`` and every table flags its speedups.
-* **One allocator state.** :func:`pin_allocator` fixes glibc's mmap and trim thresholds. By default glibc moves
-  them whenever a large block is freed, so a form's speed depended on what the process had run before it
-  (measured, spartan_t deploy fp32 compiled, batch 32: 1.10-1.17 s per batch in a fresh process, 0.86-0.95 s
-  after NNCF had quantized a model in it; 0.88-0.94 s in both cases with the thresholds pinned).
+* **One allocator state.** :func:`pin_allocator` stops glibc from serving large blocks with fresh ``mmap`` calls
+  and from returning freed memory to the system, as tuned CPU deployments do (Intel's PyTorch guides preload
+  jemalloc or tcmalloc for this). By default every activation above glibc's mmap threshold was mapped and
+  page-faulted in again on every call, and glibc moves that threshold whenever a large block is freed: a torch
+  form's speed and spread depended on the size of its activations and on what the process had run before it (a
+  compiled SpaRTAN-T got faster once NNCF had quantized a model in the same process; a compiled
+  EfficientNet-Lite0 at batch 32 spent about a third of its time faulting pages), while OpenVINO, which keeps its
+  buffers, did not pay it.
 
 The load average before and after the session is recorded with it.
 """
@@ -32,63 +37,59 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.benchmark import Timer
+from torch.utils.benchmark.utils.common import set_torch_threads
 
 from eval.stats import median_ci
 
 __all__ = ['pin_allocator', 'time_forms', 'speedup', 'throughput', 'control_ratios', 'measure_gpu']
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20   # glibc's largest allowed value: blocks below it are reused, not mapped per call
-_TRIM_THRESHOLD = 512 << 20  # freed memory stays with the process instead of being returned and faulted in again
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_NO_TRIM = -1  # freed memory stays with the process instead of being returned and faulted in again
+_NO_MMAP = 0   # every block comes from the heap, where freed blocks are reused
 _allocator_pinned = False
 
 
 def pin_allocator() -> bool:
-    """Fix glibc's malloc thresholds for the rest of the process (see the module docstring); False if not glibc."""
+    """Make glibc reuse freed memory for the rest of the process (see the module docstring); False if not glibc."""
     global _allocator_pinned
     if _allocator_pinned:
         return True
     try:
         libc = ctypes.CDLL('libc.so.6')
-        _allocator_pinned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        _allocator_pinned = bool(libc.mallopt(_M_MMAP_MAX, _NO_MMAP)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM))
     except (OSError, AttributeError):
         _allocator_pinned = False
     return _allocator_pinned
 
 
-class _WallAndCpuClock:
-    """The wall clock for ``Timer``, noting the process CPU time at each reading: ``Timer.timeit`` reads the clock
-    at the start and end of its warm-up and of its timed calls, so the last two notes bracket the timed calls."""
-
-    def __init__(self):
-        self.cpu_marks: list[float] = []
-        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else None
-
-    def __call__(self) -> float:
-        if self.sync is not None:
-            self.sync()
-        self.cpu_marks.append(time.process_time())
-        return time.perf_counter()
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def _block(timer: Timer, clock: _WallAndCpuClock, calls: int) -> tuple[float, float]:
-    """Wall and process CPU seconds per call of one block of ``calls`` timed calls (after Timer's own warm-up)."""
-    wall = timer.timeit(calls).mean
-    return wall, (clock.cpu_marks[-1] - clock.cpu_marks[-2]) / calls
+def _block(call, calls: int, threads: int) -> tuple[float, float]:
+    """Wall and process CPU seconds per call of one block of ``calls`` timed calls."""
+    with set_torch_threads(threads):
+        if calls > 1:
+            call()
+        _sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            call()
+        _sync()
+        return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
-def _timers(forms: dict[str, Callable], input_size, batch: int, threads: int) -> dict[str, tuple[Timer, object]]:
+def _calls(forms: dict[str, Callable], input_size, batch: int) -> dict[str, Callable[[], None]]:
     images = torch.randn(batch, *input_size)
-    timers = {}
-    for label, run in forms.items():
-        def call(run=run):
+
+    def bind(run):
+        def call():
             with torch.no_grad():
                 run(images)
-        clock = _WallAndCpuClock()
-        timers[label] = (Timer('call()', globals={'call': call}, timer=clock, num_threads=threads, label=label,
-                               description=f'batch {batch}'), clock)
-    return timers
+        return call
+    return {label: bind(run) for label, run in forms.items()}
 
 
 def time_forms(forms: dict[str, Callable[[torch.Tensor], object]], input_size, batch_sizes, *, threads: int = 1,
@@ -125,12 +126,15 @@ def time_forms(forms: dict[str, Callable[[torch.Tensor], object]], input_size, b
     session = {'measure': measure, 'threads': threads, 'batch_sizes': list(batch_sizes), 'min_seconds': min_seconds,
                'rounds': 0, 'attempts': 0, 'load_before': _load(), 'order': 'rotated each round',
                'forms': {label: {} for label in forms}}
-    timers = {batch: _timers(forms, input_size, batch, threads) for batch in batch_sizes}
+    bound = {batch: _calls(forms, input_size, batch) for batch in batch_sizes}
     calls = {}
     for batch in batch_sizes:
-        for label, (timer, _) in timers[batch].items():
-            timer.timeit(max(1, warmup))
-            calls[label, batch] = max(1, math.ceil(min_seconds / max(timer.timeit(1).mean, 1e-9)))
+        for label, call in bound[batch].items():
+            with set_torch_threads(threads):
+                for _ in range(max(1, warmup)):
+                    call()
+            per_call, _ = _block(call, 1, threads)
+            calls[label, batch] = max(1, math.ceil(min_seconds / max(per_call, 1e-9)))
             session['forms'][label][f'bs{batch}'] = {'calls': calls[label, batch], 'wall_s': [], 'cpu_s': []}
     labels = list(forms)
     while True:
@@ -139,7 +143,7 @@ def time_forms(forms: dict[str, Callable[[torch.Tensor], object]], input_size, b
             shift = session['rounds'] % len(labels)
             for batch in batch_sizes:
                 for label in labels[shift:] + labels[:shift]:
-                    wall, cpu = _block(*timers[batch][label], calls[label, batch])
+                    wall, cpu = _block(bound[batch][label], calls[label, batch], threads)
                     record = session['forms'][label][f'bs{batch}']
                     record['wall_s'].append(wall)
                     record['cpu_s'].append(cpu)

@@ -60,7 +60,10 @@ def test_unknown_model_is_one_line(capsys):
 def test_table_from_saved_rows(tmp_path, capsys):
     row = {'model': 'm', 'input': 32, 'params_m': 1.0, 'gmacs': 0.1, 'fp32_deploy_img_s_bs32': 10.0,
            'aa_bs32': [1.0, 0.98, 1.03], 'pt2e_int8_x_fp32_bs32': [2.5, 2.4, 2.61]}
-    (tmp_path / 'rows.json').write_text(json.dumps({'meta': {'git_hash': 'abc'}, 'rows': [row]}))
+    meta = {'git_hash': 'abc123', 'command': 'python -m compress.benchmark m', 'date': '2026-11-30T00:00:00+00:00',
+            'env': {'cpu': {'model': 'AMD EPYC'}, 'versions': {'torch': '2.14.1'}, 'load_average': [1.0, 1.0, 1.0]},
+            'load_after': [1.5, 1.1, 1.0]}
+    (tmp_path / 'rows.json').write_text(json.dumps({'meta': meta, 'rows': [row]}))
     assert main(['--from-json', str(tmp_path / 'rows.json')]) == 0
     table = capsys.readouterr().out.splitlines()
     cells = [[cell.strip() for cell in line.split('|')[1:-1]] for line in table]
@@ -73,3 +76,21 @@ def test_table_from_saved_rows(tmp_path, capsys):
     (tmp_path / 'old.json').write_text(json.dumps([row]))  # rows without the metadata: refused
     assert main(['--from-json', str(tmp_path / 'old.json')]) == 2
     assert 'give a file written by --json' in capsys.readouterr().err
+
+
+def test_saved_table_goes_into_the_readme_between_its_markers(tmp_path, capsys):
+    rows = str(tmp_path / 'rows.json')
+    meta = {'git_hash': 'abc123', 'command': 'python -m compress.benchmark m', 'date': '2026-11-30T00:00:00+00:00',
+            'env': {'cpu': {'model': 'AMD EPYC'}, 'versions': {'torch': '2.14.1'}, 'load_average': [1.0, 1.0, 1.0]},
+            'load_after': [1.5, 1.1, 1.0]}
+    (tmp_path / 'rows.json').write_text(json.dumps({'meta': meta, 'rows': [{'model': 'm', 'aa_bs32': [1, 1, 1]}]}))
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'intro\n<!-- benchmark: {rows} -->\nold table\n<!-- end of benchmark: {rows} -->\noutro\n')
+    assert main(['--from-json', rows, '--readme', str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith('intro\n') and text.endswith('outro\n') and 'old table' not in text
+    assert '| m       | 1.00 [1.00, 1.00] |' in text
+    assert f'Generated from `{rows}`, written by `python -m compress.benchmark m` at git abc123 on 2026-11-30' in text
+    assert 'load average [1.0, 1.0, 1.0] before, [1.5, 1.1, 1.0] after' in text
+    assert main(['test_resnet_cifar', '--readme', str(readme)]) == 2  # measuring and writing the README: refused
+    assert 'pass --from-json FILE too' in capsys.readouterr().err

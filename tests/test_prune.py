@@ -92,7 +92,7 @@ output: {{dir: {out}}}
 
 @pytest.mark.parametrize('name, last', [
     ('test_spartan', '{kind: ptq_int8, backend: [x86_pt2e], calib_images: 32}'),
-    ('test_smt', '{kind: qat_int8, epochs: 1, lr: 0.0001, alpha: 0.5}'),
+    pytest.param('test_smt', '{kind: qat_int8, epochs: 1, lr: 0.0001, alpha: 0.5}', marks=pytest.mark.slow),
 ])
 def test_seed_backbone_prune_distill_int8_chain(name, last, tmp_path):
     """Each seed backbone goes through prune -> distill (feature KD over changed widths) -> int8, as its recipe."""

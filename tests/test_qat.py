@@ -22,6 +22,7 @@ def context():
                         EvalConfig(compile=False), (3, 32, 32), initial_model=None, data_config=cfg)
 
 
+@pytest.mark.slow
 def test_qat_trains_freezes_and_converts(context):
     torch.manual_seed(0)
     model = timm.create_model('test_resnet_cifar').eval()

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_tiny_recipe_through_accelerate_launch(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}

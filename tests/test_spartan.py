@@ -376,6 +376,7 @@ def test_reparameterize_model_deploy_form():
     assert torch.allclose(exported.module()(x.float()), deploy(x.float()), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_deploy_form_quantizes():
     """The deploy form goes through both int8 paths of the ptq stage with every conv in int8; NNCF's ignored scope
     for the CMixer element-wise ops removes their FakeQuantize nodes and keeps the argmax in float."""

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from compress.config import DataConfig, ModelConfig
+from compress.config import DataConfig, ModelConfig, RecipeError
 from compress.data import attach_transforms, build_datasets, make_loader, resolve_data_config
 from compress.factory import build_model
 
@@ -107,10 +107,12 @@ def test_official_style_checkpoint_with_pickled_config_loads(tmp_path):
     torch.testing.assert_close(state['conv1.weight'], model.state_dict()['conv1.weight'])
 
 
-def test_foreign_objects_never_run_code(tmp_path):
+def test_a_checkpoint_that_calls_code_is_refused_without_running_it(tmp_path):
     from compress.factory import load_state_dict_file
     marker = tmp_path / 'pwned'
     path = _save_with_foreign_objects(tmp_path, lambda m: {'model': {'w': torch.ones(1)},
                                                            'payload': m.Evil(str(marker))})
-    assert load_state_dict_file(path) == {'w': torch.ones(1)}
+    with pytest.raises(RecipeError, match=r'model.checkpoint: refused .*official.pth: its pickle calls posix.system, '
+                                          r'which is code, not weights'):
+        load_state_dict_file(path)
     assert not marker.exists()

@@ -18,25 +18,16 @@ Implementation notes:
   `local_conv_{i}` tensors load unchanged, only their key prefix is remapped.
 * Blocks run on NHWC tensors; convs see them through permuted (channels-last) views without copies.
 * `drop_rate` is timm's head dropout; the official `drop_rate` (projection / MLP dropout) is `proj_drop_rate`.
-* Structured pruning: `pruning_spec` tells Torch-Pruning (compress.stages.prune) how the MHMC, the grouped
-  aggregation and the MSA heads must be pruned (see the comment above it).
+* Structured pruning: what Torch-Pruning must be told about the MHMC, the grouped aggregation and the MSA heads is
+  declared in `compress.stages.families.smt`.
 
-Complexity (params in M, GMACs at batch 1; exact integers pinned in tests/test_smt.py). Params are the official
-counts exactly. MACs come in two conventions that differ only in the MHMC:
-* "executed" = `eval.complexity.count_macs`, i.e. what runs: the fused MHMC is a 9x9 depthwise conv over all C
-  channels (81 taps per channel), including the zero taps padded around the 3/5/7 heads.
-* "tap-exact" = the official per-head convs (9/25/49/81 taps, 41 on average): executed minus the zero taps
-  (`MultiHeadMixedConv.num_padded_taps` per output position). This is the architecture's cost, the one to compare
-  with papers. "tap-exact conv+linear" also drops the attention matmuls (q.k^T, attn.v); that convention
-  (ptflops-like) reproduces the paper's FLOPs at 224.
-
-| model | res | params (ours) | params (official) | paper params | GMACs executed | GMACs tap-exact | tap-exact conv+linear | paper GMACs |
-|-------|-----|---------------|-------------------|--------------|----------------|-----------------|-----------------------|-------------|
-| smt_t | 224 | 11.51 | 11.51 | 11.5 | 2.49 | 2.46 | 2.38 | 2.4 |
-| smt_s | 224 | 22.55 | 22.55 | 20.5 (misprint) | 4.90 | 4.84 | 4.66 | 4.7 |
-| smt_b | 224 | 32.04 | 32.04 | 32.0 | 8.05 | 7.97 | 7.69 | 7.7 |
-| smt_l | 224 | 80.62 | 80.62 | 80.5 | 18.03 | 17.91 | 17.48 | 17.7 (README 17.6) |
-| smt_l | 384 | 80.62 | 80.62 | 80.5 | 55.43 | 55.06 | 51.37 | 54.6 (README 51.6) |
+Complexity: params are the official counts exactly. MACs come in two conventions that differ only in the MHMC:
+"executed" (`eval.complexity.count_macs`, what runs: the fused MHMC is a 9x9 depthwise conv over all C channels,
+including the zero taps padded around the 3/5/7 heads) and "tap-exact" (the official per-head convs: executed minus
+`MultiHeadMixedConv.num_padded_taps` per output position), the architecture's cost; tap-exact conv + linear (no
+attention matmuls, ptflops-like) reproduces the paper's FLOPs at 224 (SMT-S's paper 20.5 M params is a misprint of
+the code's count; SMT-L's 17.7 GFLOPs matches no convention). tests/test_smt.py pins every count per variant;
+`python -m compress.benchmark smt_t` prints them next to the paper's.
 
 @inproceedings{lin2023smt,
   title={Scale-Aware Modulation Meet Transformer},

@@ -21,80 +21,23 @@ The CMixer's complex modulation (interleaved channel pairs times a learnable com
 equivalent real 2x2 mix per pair, so torch.export, pruning and quantization only meet ordinary real ops. The weight
 keeps the official `(1, 1, 1, n / 2, 2)` (real, imag) layout, so official checkpoints load unchanged.
 
-Complexity, as measured by the project's counter (`eval.complexity.count_macs`):
-    - Default: conv + linear MACs only. There are no attention matmuls in SpaRTAN and the counter ignores the
-      element-wise products (amplitude * phase, the gathered argmax term, the complex pair mix, SE gates), GELU /
-      SiLU / sigmoid and argmax / gather, exactly as fvcore does. This gives XT 0.6144 G @ 224, T 0.7996 G @ 224 and
-      T 1.0441 G @ 256, the notes' conv + linear numbers (and the paper's Table VIII "614.4M MACs").
-    - `include_norms=True, train_mode=True`: adds fvcore's 5 per element for BatchNorm (train mode) and for the
-      GroupNorm(1) block norms, and 1 per pooled input element for every average pool (SMixer FD pool, the 3 SE
-      pools per block and the head pool). This gives
-      XT 0.6405 G @ 224, T 0.8291 G @ 224, T 1.0827 G @ 256, the notes' fvcore train-mode numbers and the paper's
-      Table II GFLOPs (0.64 / 0.83 / 1.08).
+Complexity (`eval.complexity.count_macs`): by default conv + linear MACs only (SpaRTAN has no attention matmuls; the
+element-wise products, GELU / SiLU / sigmoid and argmax / gather are not counted, as in fvcore), which is the
+notes' conv + linear convention and the paper's Table VIII. With `include_norms=True, train_mode=True` fvcore's
+norm and pooling rules are added, which is the paper's Table II. tests/test_spartan.py pins both, per variant.
 
-Deployment notes (CPU int8; 2-core Zen 4 with AVX-512 VNNI, shared; 1 thread; random weights; CPU time per batch,
-median of interleaved rounds of all variants in one process; `python -m eval.profile spartan_t --reparameterize`):
-
-    Where the time went (spartan_t, batch 32, before): fp32 compiled 51 % oneDNN convs, 37 % ONE inductor kernel
-    per CMixer (GELU * amp + argmax gather + the interleaved complex pair mix: `stack` / `flatten` compiled to a
-    scalar strided store plus a transposing copy). PT2E int8: the qconvs were 2.5x faster than the fp32 convs, but
-    that kernel took 41 %, and GroupNorm(1)'s (B, 1, C*H*W) reshape pinned the residual stream of the int8 graph to
-    NCHW (no inductor layout optimisation in PT2E graphs) while every qconv runs channels-last: scalar Welford
-    passes and 16x16 transposes around every norm. OpenVINO: reorders to planar layout around the interleave / split
-    / gather of the r*C-wide maps, TopK (argmax) 10-15 %, GatherElements (reference kernel), and the group-width-2
-    3x3 conv, slower in int8 (brgconv I8) than in f32.
-
-    Rewrites (all exact, same parameters and official keys; tests in tests/test_spartan.py):
-    1. `GroupNorm1`: under torch.compile / torch.export the statistics come from `var_mean` over (C, H, W), a
-       reshape-free form valid in any memory layout (eager / OpenVINO tracing keep `F.group_norm` = MVN).
-       T, batch 32: fp32 compiled 1.00x, PT2E int8 1.02x (official structure) / 1.035x (deploy form); OpenVINO
-       unchanged.
-    2. `CMixer.fuse()` -> :class:`CMixerDeploy` (what `timm.models.reparameterize_model` calls): hidden channels as
-       re / im halves from their own 1x1 convs, complex mix element-wise on whole tensors (depthwise stages) or
-       folded into the group-width-2 conv, which becomes 4 depthwise convs; BN folded; SE squeeze and proj_out split
-       per half (no wide concat); argmax as amax + first-index amin (torch's tie rule); the F_max term as a one-hot
-       sum over the C channels it can come from; `addcmul` products (the X86 quantizer's same-shape-`mul` rule would
-       fake-quantize amp and theta separately).
-       T, batch 32, vs the official structure: fp32 compiled 1.91x, PT2E int8 1.97x, OpenVINO f32 1.58x, OpenVINO
-       int8 1.51x. (A first version with single theta / proj convs split by `chunk`, a gather and argmax gave
-       1.68x PT2E int8 and 1.25x OpenVINO int8: OpenVINO reordered around split / gather and TopK stayed.)
-    3. `nncf_ignored_scope()` / `SpaRTAN.nncf_ignored_scope()`: NNCF leaves the CMixer's element-wise products,
-       sums, mix and argmax in float (all convs stay int8; the argmax reads the float norm output, as in the
-       official structure's int8 graph). OpenVINO int8 1.22-1.25x faster (T, batch 32), and the
-       logit error vs fp32 (||int8 - fp32|| / ||fp32||, random weights) 0.21 instead of 0.37 (official structure
-       with default NNCF: 0.46; PT2E int8: 0.17-0.20 for every form).
-    Tried and dropped (no gain or slower): folding the layer scales into proj_out (turns `x + conv(...)` into the
-    quantizer's conv + add pattern, which quantizes the residual stream), a cat-free SMixer proj_out, quantizing the
-    SE multiply via `expand_as`, `torch.add` for the split sums (breaks X86InductorQuantizer's partitioning).
-
-    Result (img/s; "orig" = the official structure, "deploy" = `reparameterize_model`; OpenVINO with the f32
-    precision hint and 1 inference thread):
-                                          T b32   T b1  XT b32  XT b1   (img/s)
-        orig   fp32 eager                  14.4   25.8    15.7   30.2
-        orig   fp32 torch.compile          27.6   31.0    32.5   38.4
-        orig   PT2E int8 compiled          28.7   34.4    32.0   38.4
-        orig   OpenVINO f32                37.9   45.5    47.5   52.8
-        orig   OpenVINO NNCF int8          49.5   45.2    60.6   51.7
-        deploy fp32 torch.compile          56.3   42.0    67.4   48.0
-        deploy PT2E int8 compiled          57.6   40.6    63.8   44.9
-        deploy OpenVINO f32                60.0   57.3    72.8   63.9
-        deploy OpenVINO NNCF int8          76.1   58.3    88.2   62.1
-        deploy   + nncf_ignored_scope()    92.0   71.5   108.8   76.1   (*)
-    (*) measured before amax / eq joined the scope; with them: 0.98x the time, same error, in one process.
-    ("orig" rows ran with rewrite 1, which leaves them within 2 % of the code before it.) Deployed int8 vs the
-    original fp32 torch.compile: PT2E 2.09x (T) / 1.96x (XT) at batch 32, 1.31x / 1.17x at batch 1; OpenVINO int8
-    with the ignored scope 3.34x / 3.35x at batch 32, 2.30x / 1.99x at batch 1. Against the rewritten fp32
-    torch.compile, PT2E int8 is 0.95-1.15x (spread over 5 runs) and OpenVINO int8 + scope 1.6x (T) / 1.6x (XT).
-
-    PT2E int8 stays close to the rewritten fp32 (compiled): oneDNN fuses GELU into fp32 convs but the quantized
-    conv has no GELU post-op (`Unsupported post op gelu for quantized pointwise conv2d`), so the int8 graph
-    evaluates GELU (erf) on the r*C-wide maps three times per CMixer (theta, SE mean pass, SE multiply pass) in
-    inductor kernels. OpenVINO fuses those into its int8 convs.
-
-    The ptq stage must quantize `timm.models.reparameterize_model(model.eval())` (a deep copy; the training model and
-    its official keys are untouched; BN statistics are frozen into the convs), and time its fp32 rows on the same
-    deploy form; for OpenVINO pass `ignored_scope=model.nncf_ignored_scope()` to `nncf.quantize` when the model has
-    that method. The X86InductorQuantizer needs no change.
+Deploy form (`CMixer.fuse()`, reached through timm's `reparameterize_model`; same function, same parameters and
+official keys, tested equal): the official CMixer interleaves complex channel pairs, and under torch.compile and
+OpenVINO that interleave, the argmax gather and the stacked pair mix became strided copies and reorders around
+every mixer, while oneDNN's int8 convs have no GELU post-op. The deploy form keeps the pairs as re / im halves from
+their own 1x1 convs, does the complex mix element-wise (depthwise stages) or folds it into the group-width-2 conv
+(which becomes 4 depthwise convs), folds BN, splits the SE squeeze and proj_out per half, computes the argmax as
+amax + first-index amin (torch's tie rule) and writes the products as `addcmul` (the X86 quantizer's same-shape
+`mul` rule would otherwise fake-quantize amplitude and phase apart). `GroupNorm1` takes its statistics with
+`var_mean` over (C, H, W) under compile / export, a reshape-free form valid in any memory layout. What NNCF must
+leave in float for this form is declared in `compress.stages.families.spartan`. Measured speed of both forms:
+`python -m compress.benchmark spartan_xt spartan_t` (results/benchmarks/seed_backbones.json) and, per layer,
+`python -m compress.layer_profile spartan_t --reparameterize`.
 
 Modifications and timm integration for the compress project.
 """
@@ -315,7 +258,7 @@ class CMixerDeploy(nn.Module):
       matches: torch's first-index tie rule; OpenVINO's TopK for `argmax` cost more than all int8 convs together),
       and the "F_max" term is a one-hot masked sum over the C channels it can come from, instead of a gather;
     * `addcmul` for the products keeps the X86 quantizer from fake-quantizing `amp` and `theta` separately (its
-      same-shape `mul` rule). For NNCF / OpenVINO see :func:`nncf_ignored_scope`.
+      same-shape `mul` rule). What NNCF must leave in float: `compress.stages.families.spartan`.
     """
 
     def __init__(self, cmixer: CMixer):
@@ -468,7 +411,7 @@ class SpaRTAN(nn.Module):
     `full_stages=len(depths)` / `0` give the paper's Table VIII "F" / "D" variants.
 
     Deployment: `timm.models.reparameterize_model(model)` returns the inference form (every CMixer replaced by
-    :class:`CMixerDeploy`, same outputs); see the module docstring's deployment notes.
+    :class:`CMixerDeploy`, same outputs); see the module docstring's deploy form.
     """
 
     def __init__(
