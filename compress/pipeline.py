@@ -22,7 +22,9 @@ from compress.factory import build_model, save_whole_model
 from compress.record import environment, git_hash
 from compress.stages import STAGES
 from compress.stages.base import StageContext, StageResult
-from eval.evaluate import evaluate_result, paired_delta, public_metrics, runner_for, speed_metrics, time_run
+from eval.evaluate import (
+    describe_reference, evaluate_result, paired_delta, public_metrics, runner_for, speed_metrics, time_run,
+)
 
 __all__ = ['run_recipe']
 
@@ -218,7 +220,7 @@ def _time_every_row(rows: _Rows, baseline: StageResult, cfg: RecipeConfig) -> di
             note = f'timed only: the float model {row} was made from ({source}), in OpenVINO (f32 hint)'
             position = _position(rows.entries, row)
         complexity = {key: rows.metrics[source][key] for key in ('params_m', 'gmacs')}
-        metrics = {'runtime': runner.runtime, 'precision': 'fp32', **complexity, 'size_mb': round(runner.size_mb(), 3),
+        metrics = {**describe_reference(runner), **complexity,
                    **speed_metrics(session, label, {'fp32': BASELINE, 'bf16': BF16 if BF16 in runners else None})}
         rows.entries.insert(position, {'name': label, 'kind': 'reference', 'backend': runner.runtime.split()[0],
                                        'before': None, 'seconds': 0.0, 'metrics': metrics, 'notes': [note]})

@@ -22,7 +22,8 @@ from eval.runtimes import OpenVINORunner, TorchRunner
 from eval.stats import pack_bits, paired_delta_ci
 from eval.timing import measure_gpu, speedup, throughput, time_forms
 
-__all__ = ['runner_for', 'evaluate_result', 'paired_delta', 'time_run', 'speed_metrics', 'public_metrics']
+__all__ = ['runner_for', 'evaluate_result', 'describe_reference', 'paired_delta', 'time_run', 'speed_metrics',
+           'public_metrics']
 
 
 def runner_for(artifact, label: str, eval_cfg, files: list[str] | None = None,
@@ -104,6 +105,13 @@ def evaluate_result(result, ctx, loader, before: dict | None = None, dtype: torc
         if gpu is not None:
             metrics[f'gpu_img_s_bs{max(cfg.throughput_batch_sizes)}'] = gpu['img_s']
     return metrics, runner
+
+
+def describe_reference(runner) -> dict:
+    """What a float form timed for context (fp32 eager, OpenVINO fp32) is: runtime, precision, size."""
+    coverage = {'int4_weight_fraction': 0.0, 'int8_weight_fraction': 0.0}
+    return {'runtime': runner.runtime, 'precision': 'fp32', 'runs_in': _runs_in(runner, coverage),
+            'size_mb': round(runner.size_mb(), 3)}
 
 
 def paired_delta(metrics: dict, reference: dict, bootstrap: int = 1000, key: str = 'top1_delta') -> dict:

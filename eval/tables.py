@@ -12,7 +12,8 @@ median of per-round ratios with its 95 % interval, and its column names what it 
 * ``eff``: ``×fp32`` divided by the MAC reduction (pruned rows).
 
 Under each table: the A/A control, rounds, thread count, the time measure the ratios use, the machine load before
-and after timing, and every stage that made no result, with its reason. A session whose A/A control failed marks
+and after timing, every stage that made no result, with its reason, and every quantized row's layers that stayed
+in float. A session whose A/A control failed marks
 every speedup with ``~``.
 """
 from __future__ import annotations
@@ -68,6 +69,7 @@ def table_columns(record: dict) -> list[tuple[str, object]]:
     columns = [
         ('stage', None),
         ('precision', lambda m, c: m.get('precision', '')),
+        ('runs_in', lambda m, c: m.get('runs_in', '')),
         ('runtime', lambda m, c: m.get('runtime', '')),
         ('top1', lambda m, c: _with_ci(m.get('top1'), m.get('top1_ci95'))),
         ('Δtop1', lambda m, c: _delta(*c['delta'])),
@@ -175,6 +177,12 @@ def footer(record: dict) -> list[str]:
     for stage in record['stages']:
         if stage.get('result', True) is None:
             lines.append(f'No result from {stage["name"]}: {stage["reason"]}')
+        coverage = stage.get('coverage') or {}
+        floats = coverage.get('float_layers') or []
+        if floats and coverage.get('quantized_weight_fraction', 0) > 0:  # a quantized row with float layers
+            names = ', '.join(layer['layer'] for layer in floats[:3]) + (', ...' if len(floats) > 3 else '')
+            lines.append(f'{stage["name"]}: {len(floats)} of {sum(coverage["layer_counts"].values())} weighted '
+                         f'layers stay float ({coverage["float_weight_fraction"]:.1%} of the weights): {names}')
     return lines
 
 

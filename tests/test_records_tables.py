@@ -42,7 +42,10 @@ def make_record(name='demo', date='2026-11-21T00:00:00+00:00', noisy=False):
             {'name': 'train', 'kind': 'train', 'before': 'baseline',
              'metrics': metrics(after_train, 100, 'fp32', [1.0, 0.98, 1.02])},
             {'name': 'ptq_int8[x86_pt2e]', 'kind': 'ptq_int8', 'before': 'train',
-             'metrics': metrics(quantized, 300, 'int8', [2.95, 2.81, 3.1])},
+             'metrics': metrics(quantized, 300, 'int8', [2.95, 2.81, 3.1]),
+             'coverage': {'quantized_weight_fraction': 0.99, 'float_weight_fraction': 0.01,
+                          'layer_counts': {'int8': 20, 'int4': 0, 'float': 1},
+                          'float_layers': [{'layer': 'linear', 'op': 'linear'}]}},
             {'name': 'ptq_int8[openvino]', 'kind': 'ptq_int8', 'before': 'train', 'result': None,
              'reason': 'openvino could not quantize the model: RuntimeError: no'},
             {'name': 'control[finetune]', 'kind': 'control', 'before': 'baseline',
@@ -77,6 +80,8 @@ def test_a_noisy_session_marks_every_speedup_and_the_footer_says_so(tmp_path):
     assert 'OUTSIDE 1 ± 0.05; every speedup marked ~ is unreliable' in markdown
     assert 'No result from ptq_int8[openvino]: openvino could not quantize the model' in markdown
     assert '| ptq_int8[openvino]' not in markdown   # no row claims a result that does not exist
+    # an int8 row with a float layer says so
+    assert 'ptq_int8[x86_pt2e]: 1 of 21 weighted layers stay float (1.0% of the weights): linear' in markdown
 
 
 def test_records_never_overwrite_and_tables_pick_the_newest(tmp_path):
