@@ -2,8 +2,9 @@
 
 After every stage that leaves a float model (train, prune, distill), the model is saved as a whole module (a
 pruned model is a new architecture: a fresh model cannot take its state dict) together with the record entries
-so far; the models of earlier stages are kept, since the run times every stage's artifact at its end. Re-running the same recipe (same model, data, stages and seed; eval and output settings may differ)
-finds that progress and continues from there. Quantized results are not saved: the quantization stage is
+so far; the models of earlier stages are kept, since the run times every stage's artifact at its end.
+Re-running the same recipe (same model, data, stages and seed; eval and output settings may differ) finds that
+progress and continues from there. Quantized results are not saved: the quantization stage is
 final, deterministic and re-run. The folder is removed when the run completes.
 """
 from __future__ import annotations

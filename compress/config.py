@@ -20,7 +20,8 @@ import yaml
 
 __all__ = [
     'RecipeError', 'RecipeConfig', 'ModelConfig', 'DataConfig', 'EvalConfig', 'OutputConfig',
-    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'QatInt8Stage', 'Weight4BitStage', 'ExportStage', 'STAGE_CONFIGS', 'load_recipe', 'check_inputs',
+    'TrainStage', 'PruneStage', 'DistillStage', 'PtqInt8Stage', 'QatInt8Stage', 'Weight4BitStage', 'ExportStage',
+    'STAGE_CONFIGS', 'CONTROLS', 'load_recipe', 'check_inputs',
 ]
 
 

@@ -11,8 +11,9 @@ same module timed minutes apart differs by up to 2x, so figures are never divide
   untimed call (the caches after switching forms; skipped where one call already fills the block, as it would
   double the block and a cold start is a small part of it), and records the wall time and the process CPU time of
   its timed calls. With one compute thread, time-slicing by other processes inflates wall time but not CPU time,
-  so ratios use CPU time (``measure='cpu'``) unless told otherwise; img/s columns are wall clock. OpenVINO runs with one inference thread, on the calling thread (measured: its other
-  threads used no CPU during any block), so its CPU time is comparable.
+  so ratios use CPU time (``measure='cpu'``) unless told otherwise; img/s columns are wall clock. OpenVINO runs
+  with one inference thread, on the calling thread (its other threads used no CPU during any block when this was
+  checked), so its CPU time is comparable.
 * **A/A control.** The reference form is timed twice, as two separately built forms. Their ratio must lie within
   ``1 ± tolerance`` (its whole interval); if it does not, more rounds are added (up to ``max_attempts`` times
   the rounds); if it still does not, the session is marked ``noisy`` and every table flags its speedups.

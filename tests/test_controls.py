@@ -1,7 +1,5 @@
 """The fine-tuned control: the uncompressed model trained with the recipe's own training stages."""
 import pytest
-import timm
-import torch
 from accelerate import Accelerator
 
 from compress.config import RecipeError, load_recipe

@@ -1,4 +1,5 @@
-"""compress.layer_profile: per-op / per-layer CPU profile, torch (fp32 / PT2E int8 compiled) and OpenVINO (fp32 / NNCF int8)."""
+"""compress.layer_profile: per-op / per-layer CPU profile, torch (fp32 / PT2E int8 compiled) and OpenVINO (fp32 /
+NNCF int8)."""
 import math
 
 import pytest

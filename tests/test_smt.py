@@ -570,7 +570,7 @@ def test_fuse_gives_a_plain_conv_that_pt2e_quantizes():
     assert weight_coverage(quantize_x86_pt2e(fused, [x]))['int8_weight_fraction'] == 1.0
 
 
-# --- structured pruning through compress.stages.prune (Torch-Pruning + the SMT rules in compress.stages.families) ---------------------------
+# --- structured pruning through compress.stages.prune (Torch-Pruning + compress.stages.families.smt) ---------------
 
 def _prune(model, ratio, heads='dims', res=64, **cfg):
     from compress.config import PruneStage

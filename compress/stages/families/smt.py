@@ -148,9 +148,9 @@ def pruning_spec(model: nn.Module):
     )
     if sams:
         spec.notes += [
-            'SAM: attn.mhmc is listed as ignored only for the Torch-Pruning pass, which prunes the grouped proj0 at one '
-            'in-group position (= one MHMC kernel scale); whole proj0 groups (channel c of every MHMC head, s rows, '
-            'W_intra, BN, proj1 inputs) are removed right after it, ranked per mixer',
+            'SAM: attn.mhmc is listed as ignored only for the Torch-Pruning pass, which prunes the grouped proj0 at '
+            'one in-group position (= one MHMC kernel scale); whole proj0 groups (channel c of every MHMC head, s '
+            'rows, W_intra, BN, proj1 inputs) are removed right after it, ranked per mixer',
             'SAM W_intra expansion (proj0 outputs at one in-group position in every group): Torch-Pruning 1.6 rounds '
             'that per-group count against the whole width, so with round_to it is usually kept whole',
         ]
