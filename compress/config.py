@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,10 +116,14 @@ class DataConfig:
         _require(self.batch_size > 0, 'data.batch_size', 'must be positive')
         _require(self.workers >= 0, 'data.workers', 'must be >= 0')
         _require(self.max_eval is None or self.max_eval > 0, 'data.max_eval', 'must be positive or null')
-        _require(self.input_size is None or len(self.input_size) == 3, 'data.input_size', 'must be [C, H, W]')
+        _require(self.max_train is None or self.max_train > 0, 'data.max_train', 'must be positive or null')
+        _require(self.input_size is None or (len(self.input_size) == 3 and all(d > 0 for d in self.input_size)),
+                 'data.input_size', 'must be [C, H, W] with positive sizes, e.g. [3, 224, 224]')
         for key in ('mean', 'std'):
             value = getattr(self, key)
             _require(value is None or len(value) == 3, f'data.{key}', 'must have 3 values')
+        _require(self.std is None or all(v > 0 for v in self.std), 'data.std', 'must be positive')
+        _require(self.crop_pct is None or 0 < self.crop_pct <= 1, 'data.crop_pct', 'must be in (0, 1]')
         _require(self.train_augment in AUGMENTATIONS, 'data.train_augment', f'must be one of {", ".join(AUGMENTATIONS)}')
         _require(self.synthetic_classes >= 2, 'data.synthetic_classes', 'must be >= 2')
         _require(self.synthetic_image_size >= 16, 'data.synthetic_image_size', 'must be >= 16')
@@ -140,6 +145,8 @@ class TrainStage:
         _require(self.lr > 0, 'lr', 'must be positive')
         _require(0 <= self.label_smoothing < 1, 'label_smoothing', 'must be in [0, 1)')
         _require(0 <= self.warmup_fraction < 1, 'warmup_fraction', 'must be in [0, 1)')
+        _require(self.batch_size is None or self.batch_size > 0, 'batch_size', 'must be positive, or null for '
+                                                                               'data.batch_size')
 
 
 PTQ_BACKENDS = ('x86_pt2e', 'openvino')
@@ -264,8 +271,10 @@ class Weight4BitStage:
     def __post_init__(self):
         if isinstance(self.backend, str):
             self.backend = [self.backend]
+        _require(len(self.backend) > 0, 'backend', f'name at least one of {", ".join(W4_BACKENDS)}')
         for backend in self.backend:
             _require(backend in W4_BACKENDS, 'backend', f'{backend!r} is not one of {", ".join(W4_BACKENDS)}')
+        _require(len(set(self.backend)) == len(self.backend), 'backend', 'lists a backend twice')
         _require(self.mode in ('int4_sym', 'int4_asym'), 'mode', 'must be int4_sym or int4_asym')
         _require(self.group_size == -1 or self.group_size > 0, 'group_size', 'must be positive or -1')
         _require(0 < self.ratio <= 1, 'ratio', 'must be in (0, 1]')
@@ -284,6 +293,8 @@ class ExportStage:
     def __post_init__(self):
         if isinstance(self.formats, str):
             self.formats = [self.formats]
+        _require(len(self.formats) > 0, 'formats', f'name at least one of {", ".join(EXPORT_FORMATS)}')
+        _require(len(set(self.formats)) == len(self.formats), 'formats', 'lists a format twice')
         for fmt in self.formats:
             _require(fmt in EXPORT_FORMATS, 'formats', f'{fmt!r} is not one of {", ".join(EXPORT_FORMATS)}')
 
@@ -292,6 +303,7 @@ STAGE_CONFIGS: dict[str, type] = {'train': TrainStage, 'prune': PruneStage, 'dis
                                   'ptq_int8': PtqInt8Stage, 'qat_int8': QatInt8Stage,
                                   'weight_4bit': Weight4BitStage, 'export': ExportStage}
 QUANTIZE_KINDS = {'ptq_int8', 'qat_int8', 'weight_4bit'}
+CALIBRATING_KINDS = QUANTIZE_KINDS | {'prune'}  # read the calibration split (pruning: importance, MAC search)
 TRAINING_KINDS = {'train', 'distill', 'qat_int8'}
 CONTROLS = ('finetune',)
 
@@ -535,6 +547,28 @@ def _check_published_weights(name: str) -> None:
                           'checkpoints of the official code load as they are) and pass model.checkpoint=PATH')
 
 
+def _check_model_name(name: str, key: str) -> None:
+    import timm
+    import compress.models  # noqa: F401
+    if not timm.models.is_model(name):
+        raise RecipeError(f'{key}: unknown model {name!r}; see timm.list_models() or compress.models')
+
+
+def _check_writable(folder: Path) -> None:
+    """The output folder (or the nearest existing folder above it) takes a file: found now, not after training."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f'{existing} is not a folder')
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise RecipeError(f'output.dir: {folder} cannot be written ({first_line(error, 120)}); set output.dir=PATH '
+                          f'to a writable folder') from None
+
+
 def check_inputs(cfg: RecipeConfig) -> None:
     """Check that every file and package the recipe needs exists, before any work starts."""
     checkpoint = cfg.model.checkpoint
@@ -552,15 +586,18 @@ def check_inputs(cfg: RecipeConfig) -> None:
                      f'{checkpoint} does not exist; pass model.checkpoint=PATH to a .pth/.safetensors file')
     for i, stage in enumerate(cfg.stages):
         teacher = getattr(stage, 'teacher', None)
+        if teacher is not None:
+            _check_model_name(teacher.name, f'stages[{i}].teacher.name')
         if teacher is not None and teacher.checkpoint and not teacher.checkpoint.startswith('pypi:'):
             _require(Path(teacher.checkpoint).is_file(), f'stages[{i}].teacher.checkpoint',
                      f'{teacher.checkpoint} does not exist')
+    _check_writable(Path(cfg.output.dir))
     data = cfg.data
     if data.source == 'imagefolder':
         root = Path(data.root)
         _require(root.is_dir(), 'data.root', f'{root} is not a folder; set data.root=PATH to the image folders')
         needed = [('eval_dir', data.eval_dir)]
-        if any(s.kind in QUANTIZE_KINDS for s in cfg.stages):
+        if any(s.kind in CALIBRATING_KINDS for s in cfg.stages):
             needed.append(('calib_dir', data.calib_dir))
         if any(s.kind in TRAINING_KINDS for s in cfg.stages):
             needed.append(('train_dir', data.train_dir))

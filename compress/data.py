@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from compress.config import DataConfig, RecipeError
+from compress.config import DataConfig, RecipeError, first_line
 
 __all__ = ['SyntheticShapes', 'ImageFolderByWnid', 'HFImages', 'DataBundle', 'build_datasets', 'attach_transforms',
            'make_loader']
@@ -88,11 +88,11 @@ class ImageFolderByWnid(Dataset):
     subset holding only some classes still gets the right labels; ``'sorted'`` numbers the folders in order.
     """
 
-    def __init__(self, root: str | os.PathLike, class_index: str = 'imagenet1k'):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, class_index: str = 'imagenet1k', key: str = 'data.root'):
+        self.root, self.key = Path(root), key
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not folders:
-            raise RecipeError(f'data.root: {self.root} holds no class folders (expected <class>/<image> files)')
+            raise RecipeError(f'{key}: {self.root} holds no class folders (expected <class>/<image> files)')
         if class_index == 'imagenet1k':
             from timm.data import ImageNetInfo
             wnid_to_index = {wnid: i for i, wnid in enumerate(ImageNetInfo().label_names())}
@@ -108,7 +108,7 @@ class ImageFolderByWnid(Dataset):
                         for path in sorted((self.root / folder).iterdir())
                         if path.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.samples:
-            raise RecipeError(f'data.root: no images under {self.root}')
+            raise RecipeError(f'{key}: no images under {self.root}')
         self.transform = None
 
     def __len__(self) -> int:
@@ -116,18 +116,30 @@ class ImageFolderByWnid(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = Image.open(path).convert('RGB')
+        image = open_image(path, self.key)
         return (self.transform(image) if self.transform else image), label, index
+
+
+class UnreadableImage(RecipeError):
+    """An image file that cannot be decoded. A set silently one image smaller would change the accuracy, so the run
+    stops and names the file."""
+
+
+def open_image(path: str | os.PathLike, key: str) -> Image.Image:
+    """The image at ``path`` in RGB, or :class:`UnreadableImage` naming the file and the recipe key it came from."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise UnreadableImage(f'{key}: {path} is not a readable image ({first_line(error, 120)}); replace or remove '
+                              f'it') from None
 
 
 class HFImages(Dataset):
     """One split of a Hugging Face ``datasets`` image-classification set."""
 
     def __init__(self, hf_split, image_key: str, label_key: str):
-        missing = [k for k in (image_key, label_key) if k not in hf_split.column_names]
-        if missing:
-            raise RecipeError(f'data.{"image_key" if missing[0] == image_key else "label_key"}: column '
-                              f'{missing[0]!r} not in the data set (columns: {", ".join(hf_split.column_names)})')
+        _require_columns(hf_split, image_key, label_key)
         self.data, self.image_key, self.label_key = hf_split, image_key, label_key
         self.transform = None
 
@@ -140,8 +152,16 @@ class HFImages(Dataset):
         return (self.transform(image) if self.transform else image), int(row[self.label_key]), index
 
 
+def _require_columns(hf_split, image_key: str, label_key: str) -> None:
+    for key, column in (('image_key', image_key), ('label_key', label_key)):
+        if column not in hf_split.column_names:
+            raise RecipeError(f'data.{key}: column {column!r} not in the data set (columns: '
+                              f'{", ".join(hf_split.column_names)}); set data.{key}=NAME')
+
+
 def _load_hf(cfg: DataConfig, splits: list[str]):
     import datasets
+    datasets.disable_progress_bars()  # per-split progress lines on stderr, before any one-line error
     root = Path(cfg.root)
     if root.is_dir():
         parquet = {p.stem: str(p) for p in sorted(root.glob('*.parquet'))}
@@ -163,6 +183,7 @@ def _load_hf(cfg: DataConfig, splits: list[str]):
         if split not in loaded:
             raise RecipeError(f'data.{_split_key(cfg, split)}: split {split!r} not found (have: '
                               f'{", ".join(loaded)})')
+        _require_columns(loaded[split], cfg.image_key, cfg.label_key)
         feature = loaded[split].features.get(cfg.image_key)
         if isinstance(feature, dict) and 'bytes' in feature:
             # parquet written with the Image layout ({bytes, path}) but without its feature metadata
@@ -214,9 +235,9 @@ def build_datasets(cfg: DataConfig, need_calib: bool, need_train: bool, seed: in
         name, num_classes, eval_split = f'synthetic-shapes-{cfg.synthetic_classes}c', cfg.synthetic_classes, 'eval'
     elif cfg.source == 'imagefolder':
         root = Path(cfg.root)
-        eval_set = ImageFolderByWnid(root / cfg.eval_dir, cfg.class_index)
-        calib = ImageFolderByWnid(root / cfg.calib_dir, cfg.class_index) if need_calib else None
-        train = ImageFolderByWnid(root / cfg.train_dir, cfg.class_index) if need_train else None
+        eval_set = ImageFolderByWnid(root / cfg.eval_dir, cfg.class_index, 'data.eval_dir')
+        calib = ImageFolderByWnid(root / cfg.calib_dir, cfg.class_index, 'data.calib_dir') if need_calib else None
+        train = ImageFolderByWnid(root / cfg.train_dir, cfg.class_index, 'data.train_dir') if need_train else None
         name, num_classes, eval_split = Path(os.path.abspath(root / cfg.eval_dir)).name, eval_set.num_classes, \
             cfg.eval_dir
     else:

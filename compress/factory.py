@@ -53,7 +53,7 @@ class UnsafeCheckpoint(ValueError):
     """A checkpoint whose pickle calls functions weights-only loading never runs (the message names them)."""
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, key: str = 'model') -> dict[str, torch.Tensor]:
     """Read a checkpoint safely, unwrap ``state_dict``/``model`` and strip ``module.``.
 
     ``.safetensors`` files load as they are; others with ``weights_only=True``, foreign metadata objects replaced
@@ -67,21 +67,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = _torch_load(path)
     except UnsafeCheckpoint as e:
-        raise RecipeError(f'model.checkpoint: refused {path}: its pickle calls {e}, which is code, not weights; '
+        raise RecipeError(f'{key}.checkpoint: refused {path}: its pickle calls {e}, which is code, not weights; '
                           f'load only checkpoints of tensors (re-save it as a state dict or .safetensors)') from None
     except Exception as e:
         reason = first_line(e, 160)
-        raise RecipeError(f'model.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
+        raise RecipeError(f'{key}.checkpoint: cannot read {path} ({reason}); is it a complete .pth/.safetensors '
                           f'file?') from None
     if isinstance(state, dict) and SAVED_MODULE_KEY in state:
-        raise RecipeError(f'model.checkpoint: {path} is a whole model saved by a compress run; set '
+        raise RecipeError(f'{key}.checkpoint: {path} is a whole model saved by a compress run; set '
                           f'model.whole_module=true')
-    for key in ('state_dict', 'model', 'module'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    for wrapper in ('state_dict', 'model', 'module'):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RecipeError(f'model.checkpoint: {path} holds no state dict of tensors')
+        raise RecipeError(f'{key}.checkpoint: {path} holds no state dict of tensors')
     return {k.removeprefix('module.'): v for k, v in state.items()}
 
 
@@ -90,7 +90,8 @@ def _filter_for(model: nn.Module):
     return getattr(module, 'checkpoint_filter_fn', None)
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, key: str = 'model',
+               new_head_trains: bool = False) -> list[str]:
     notes = []
     if is_lukemelas_state_dict(state) and hasattr(model, 'blocks'):
         state = convert_lukemelas_state_dict(state, model)
@@ -104,12 +105,18 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     head_keys = [k for k in state if classifier and k.startswith(classifier + '.')]
     if head_keys and any(k in own and own[k].shape != state[k].shape for k in head_keys):
         # the data set has another number of classes than the checkpoint: keep the backbone, start a new head
+        classes = state[next(k for k in head_keys if k.endswith('weight'))].shape[0]
+        if not new_head_trains:
+            raise RecipeError(f'{key}.checkpoint: {source} predicts {classes} classes, the data set has '
+                              f'{own[head_keys[0]].shape[0]}; a new classifier would be random and nothing in the '
+                              f'recipe trains it: evaluate on data with {classes} classes, or add a train stage')
         state = {k: v for k, v in state.items() if k not in head_keys}
-        notes.append(f'classifier {classifier} re-initialised: checkpoint classes differ from the data set')
+        notes.append(f'classifier {classifier} re-initialised: the checkpoint predicts {classes} classes, the data '
+                     f'set has {own[head_keys[0]].shape[0]}; the training stages train it')
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if mismatched:
         k = mismatched[0]
-        raise RecipeError(f'model.checkpoint: {source} does not fit {type(model).__name__}: {k} is '
+        raise RecipeError(f'{key}.checkpoint: {source} does not fit {type(model).__name__}: {k} is '
                           f'{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model; check '
                           f'model.name')
     result = model.load_state_dict(state, strict=False)
@@ -119,7 +126,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
                  (', ' if missing and result.unexpected_keys else '') + \
                  (f'{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})'
                   if result.unexpected_keys else '')
-        raise RecipeError(f'model.checkpoint: {source} does not match {type(model).__name__}: {detail}; check '
+        raise RecipeError(f'{key}.checkpoint: {source} does not match {type(model).__name__}: {detail}; check '
                           f'model.name')
     return notes
 
@@ -157,18 +164,24 @@ def load_whole_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, lis
     return model.eval(), [f'whole model: {cfg.checkpoint} (stages it went through: {stages})']
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, list[str]]:
+def build_model(cfg: ModelConfig, num_classes: int, trains: bool = False,
+                key: str = 'model') -> tuple[nn.Module, dict, list[str]]:
     """Create the model and load its weights.
 
     Args:
         cfg: the recipe's model section.
-        num_classes: classes of the data set, used unless the recipe sets ``model.num_classes``.
+        num_classes: classes of the data set; ``model.num_classes``, if set, must agree.
+        trains: the recipe trains the model, so a checkpoint with another number of classes may get a new head.
+        key: the recipe key of ``cfg``, for errors (a teacher is ``stages[i].teacher``).
 
     Returns:
         (model in eval mode, data-config entries the weights need, notes on what was loaded)
     """
     weights_cfg: dict = {}
     checkpoint = cfg.checkpoint
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise RecipeError(f'{key}.num_classes: {cfg.num_classes}, but the data set has {num_classes} classes; drop '
+                          f'{key}.num_classes or evaluate on data with {cfg.num_classes} classes')
     if cfg.whole_module:
         model, notes = load_whole_model(cfg, num_classes)
         return model, weights_cfg, notes
@@ -183,8 +196,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, li
                               f'model.name={expected_model}')
     pretrained = cfg.pretrained and not checkpoint
     try:
-        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=cfg.num_classes or num_classes,
-                                  **cfg.kwargs)
+        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **cfg.kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise RecipeError(f'model.name: unknown model {cfg.name!r}; see timm.list_models() or '
@@ -199,7 +211,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, dict, li
         raise RecipeError(f'model.kwargs: {e}') from None
     notes = []
     if checkpoint:
-        notes = _load_into(model, load_state_dict_file(checkpoint), Path(checkpoint).name)
+        notes = _load_into(model, load_state_dict_file(checkpoint, key), Path(checkpoint).name, key, trains)
         notes.insert(0, f'weights: {cfg.checkpoint}')
     elif pretrained:
         notes.append(f'weights: published {cfg.name} weights')

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from compress.checkpoint import RunProgress, restore_metrics
-from compress.config import QUANTIZE_KINDS, TRAINING_KINDS, RecipeConfig
+from compress.config import CALIBRATING_KINDS, TRAINING_KINDS, RecipeConfig, RecipeError
 from compress.controls import finetune_control
 from compress.data import attach_transforms, build_datasets, make_loader, resolve_data_config
 from compress.deploy import deploy_form, has_deploy_form
@@ -86,10 +86,11 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     started = time.perf_counter()
     code_version = git_hash()  # the code that runs now, whatever happens to the tree during the run
     torch.manual_seed(cfg.seed)
-    need_calib = any(s.kind in QUANTIZE_KINDS or s.kind == 'prune' for s in cfg.stages)
+    need_calib = any(s.kind in CALIBRATING_KINDS for s in cfg.stages)
     need_train = any(s.kind in TRAINING_KINDS for s in cfg.stages)
     data = build_datasets(cfg.data, need_calib, need_train, cfg.seed)
-    model, weights_cfg, model_notes = build_model(cfg.model, data.num_classes)
+    model, weights_cfg, model_notes = build_model(cfg.model, data.num_classes, trains=need_train)
+    _check_training_sets(cfg, data)
     data_config = resolve_data_config(cfg.data, model, weights_cfg)
     attach_transforms(data, data_config, cfg.data.train_augment)
     input_size = tuple(data_config['input_size'])
@@ -264,6 +265,17 @@ def _save_final_model(model, cfg: RecipeConfig, entries: list[dict]) -> str:
     # a model that was compressed by an earlier run keeps its earlier steps
     save_whole_model(model, path, cfg.model.name, getattr(model, 'compress_history', []) + history)
     return str(path)
+
+
+def _check_training_sets(cfg: RecipeConfig, data) -> None:
+    """A training set smaller than one batch would give a stage no step at all (drop_last): say so before any work."""
+    for index, stage in enumerate(cfg.stages):
+        if stage.kind in TRAINING_KINDS:
+            batch = stage.batch_size or cfg.data.batch_size
+            if len(data.train) < batch:
+                key = f'stages[{index}].batch_size' if stage.batch_size else 'data.batch_size'
+                raise RecipeError(f'{key}: the training set has {len(data.train)} images, fewer than one batch of '
+                                  f'{batch}; lower the batch size or train on more images')
 
 
 def _needs_initial_teacher(cfg: RecipeConfig) -> bool:

@@ -3,10 +3,13 @@
 Validates the whole recipe and its inputs before any work, runs it, writes one JSON record and prints that
 record's path as the last line. A problem with the recipe or its inputs is one line on stderr and exit code 2.
 """
+import logging
 import os
 import sys
 
 os.environ.setdefault('NNCF_EXTENSION_LOAD_TIMEOUT', '0')  # NNCF's first-use build takes >60 s on 2 cores
+# torch's CUDA build warns on every CPU-only import that it found no CUDA runtime: noise before our one line
+logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run_recipe(cfg, accelerator, recipe_path=argv[0])
     except RecipeError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {_message(error)}', file=sys.stderr)
         return 2
     if accelerator.is_main_process:
         path = write_record(record, cfg.output.dir)
         print(path)
     accelerator.end_training()
     return 0
+
+
+def _message(error: Exception) -> str:
+    # a loader worker's error comes back wrapped ("Caught X in DataLoader worker 0. Original Traceback ..."):
+    # its last line holds the message
+    text = str(error)
+    if 'Original Traceback' in text:
+        text = text.strip().splitlines()[-1].split(': ', 1)[-1]
+    return text
 
 
 if __name__ == '__main__':

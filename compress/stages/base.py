@@ -8,12 +8,29 @@ evaluator's job alone. No base class: stages share this data, not behaviour.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from compress.config import DataConfig, EvalConfig
+from compress.config import DataConfig, EvalConfig, first_line
 from compress.data import DataBundle
+
+_OWN_CODE = tuple(str(Path(__file__).resolve().parents[2] / package) for package in ('compress', 'eval'))
+_PROGRAMMING_ERRORS = (AttributeError, NameError, TypeError, KeyError, IndexError, AssertionError, SyntaxError)
+
+
+def backend_failure(error: BaseException) -> str:
+    """The one-line reason a backend (torch.export, NNCF, OpenVINO, torchao) could not transform the model: a
+    limitation the record keeps. A programming error raised in this project's own code is a bug, not a result: it
+    is raised again, never turned into a row."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    raised_here = frame is not None and frame.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+    if raised_here and isinstance(error, _PROGRAMMING_ERRORS):
+        raise error
+    return f'{type(error).__name__}: {first_line(error)}'
 
 
 @dataclass

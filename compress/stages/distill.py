@@ -77,7 +77,7 @@ def build_teacher(cfg: DistillStage, ctx: StageContext) -> tuple[nn.Module, str]
             raise RecipeError('distill.teacher: no teacher: name one with teacher: {name: ..., checkpoint: ...}')
         return copy.deepcopy(ctx.initial_model), 'the model before the first stage'
     from compress.factory import build_model
-    teacher, _, notes = build_model(cfg.teacher, ctx.data.num_classes)
+    teacher, _, notes = build_model(cfg.teacher, ctx.data.num_classes, key='teacher')
     return teacher, f'{cfg.teacher.name} ({"; ".join(notes)})'
 
 

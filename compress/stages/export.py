@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from compress.config import ExportStage
-from compress.stages.base import StageContext, StageResult
+from compress.stages.base import StageContext, StageResult, backend_failure
 from eval.runtimes import OpenVINORunner, to_openvino, with_dynamic_batch
 
 __all__ = ['apply_export', 'ExportError', 'export_onnx', 'ONNX_OPSET', 'CHECK_BATCH']
@@ -76,7 +76,9 @@ class ExportError(RuntimeError):
 # --- failure messages ------------------------------------------------------------------------------------------
 
 def _one_line(error: Exception) -> str:
-    """One line that says why: OpenVINO's conversion reports are pages long, their summary is what matters."""
+    """One line that says why: OpenVINO's conversion reports are pages long, their summary is what matters. (A
+    programming error of this project is raised again, not reported: see ``backend_failure``.)"""
+    backend_failure(error)
     text = str(error).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     summary = [line.lstrip('- ') for line in lines

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from compress.config import PtqInt8Stage, first_line
+from compress.config import PtqInt8Stage
 from compress.data import calibration_batches
 from compress.deploy import deploy_form
-from compress.stages.base import StageContext, StageResult
+from compress.stages.base import StageContext, StageResult, backend_failure
 from compress.stages.families import rules_for
 from eval.runtimes import to_openvino
 
@@ -133,8 +133,7 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                              + (', family ignored scope' if info['nncf']['ignored_scope'] else ''))
             failed = None
         except Exception as error:  # capture or quantization failed: no int8 row, the reason is recorded
-            artifact, failed = None, f'{backend} could not quantize the model: {type(error).__name__}: ' \
-                                     f'{first_line(error)}'
+            artifact, failed = None, f'{backend} could not quantize the model: {backend_failure(error)}'
         results.append(StageResult(
             name=name, kind='ptq_int8', artifact=artifact, float_model=model, next_model=None, backend=backend,
             seconds=time.perf_counter() - start, notes=notes, info=info, references=references, failed=failed,

@@ -58,9 +58,9 @@ import time
 import torch
 from torch import nn
 
-from compress.config import Weight4BitStage, first_line
+from compress.config import Weight4BitStage
 from compress.deploy import deploy_form
-from compress.stages.base import StageContext, StageResult
+from compress.stages.base import StageContext, StageResult, backend_failure
 from eval.coverage import execution_order, weight_coverage
 from eval.runtimes import to_openvino
 
@@ -245,7 +245,7 @@ def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext)
                                                                   or 'the model has no conv / linear weights')
         except Exception as error:  # unavailable config or kernel, or a failed conversion
             artifact, references = None, {}
-            failed = f'{backend} failed: {type(error).__name__}: {first_line(error)}'
+            failed = f'{backend} failed: {backend_failure(error)}'
         results.append(StageResult(
             name=f'weight_4bit[{backend}]', kind='weight_4bit', artifact=artifact, float_model=model,
             next_model=None, backend=backend, seconds=time.perf_counter() - start, notes=notes, info=info,
