@@ -35,18 +35,28 @@ def restore_metrics(entry: dict, num_images: int) -> dict:
 class RunProgress:
     """The progress folder of one recipe: ``<output dir>/<name>/.progress-<hash of what determines results>``."""
 
-    def __init__(self, output_dir: str | os.PathLike, config: dict, enabled: bool = True):
+    def __init__(self, output_dir: str | os.PathLike, config: dict, enabled: bool = True, code: str | None = None):
         identity = json.dumps({k: config[k] for k in ('model', 'data', 'stages', 'seed')}, sort_keys=True, default=str)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
         self.dir = Path(output_dir) / config['name'] / f'.progress-{digest}'
         self.enabled = enabled
+        self.code = code  # the git hash of the running code: pickled modules only go back into the code that wrote them
+        self.refused: str | None = None
 
     def load(self) -> dict | None:
-        """The saved progress (``entries``, ``completed`` stages, ``before`` stage name), or None."""
+        """The saved progress (``entries``, ``completed`` stages, ``before`` stage name), or None.
+
+        Progress written by other code is not unpickled (``refused`` says why): its modules would be rebuilt by
+        classes that may have changed, and its metrics would mix two versions of the code.
+        """
         path = self.dir / 'progress.json'
         if not self.enabled or not path.is_file():
             return None
         state = json.loads(path.read_text())
+        if state.get('code') != self.code:
+            self.refused = (f'progress in {self.dir} was written by code {state.get("code")}, this is {self.code}: '
+                            f'not resumed, the run starts over')
+            return None
         models = state.get('models', {})
         return state if models and all((self.dir / file).is_file() for file in models.values()) else None
 
@@ -62,10 +72,13 @@ class RunProgress:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self.load()
+        if previous is None and self.dir.exists():  # another code version's progress: replaced, not mixed
+            shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
         models = dict(previous['models']) if previous else {}
         models[before] = f'after-stage-{completed}.pt'
         _atomic(self.dir / models[before], lambda handle: torch.save(model, handle), binary=True)
-        state = {'entries': entries, 'completed': completed, 'before': before, 'models': models}
+        state = {'entries': entries, 'completed': completed, 'before': before, 'models': models, 'code': self.code}
         _atomic(self.dir / 'progress.json', lambda handle: handle.write(json.dumps(state, default=str)))
 
     def clear(self) -> None:

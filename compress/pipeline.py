@@ -106,8 +106,10 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         notes=model_notes + (['evaluated and timed in deploy form (fused blocks, same function), as the quantized '
                               'rows ship'] if has_deploy_form(model) else []))
 
-    progress = RunProgress(cfg.output.dir, cfg.to_dict(), enabled=accelerator.is_main_process)
+    progress = RunProgress(cfg.output.dir, cfg.to_dict(), enabled=accelerator.is_main_process, code=code_version)
     state = progress.load()
+    if progress.refused:
+        accelerator.print(progress.refused)
     if state is None:
         rows.evaluate(baseline, before=None)
         if cfg.eval.bf16:

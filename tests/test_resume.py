@@ -44,3 +44,25 @@ def test_interrupted_run_resumes_with_identical_results(tmp_path, monkeypatch):
     resumed = run_recipe(cfg, Accelerator(cpu=True))
     assert resumed['resumed_after_stage'] == 2
     assert _accuracies(resumed) == _accuracies(uninterrupted)
+
+
+def test_progress_written_by_other_code_is_not_resumed(tmp_path, monkeypatch, capsys):
+    import compress.pipeline
+    path = tmp_path / 'r.yaml'
+    path.write_text(RECIPE + f'output: {{dir: {tmp_path / "runs"}}}\n')
+    cfg = load_recipe(path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compress.pipeline, 'git_hash', lambda: 'aaaaaaaaaaaa')
+    monkeypatch.setitem(stage_registry.STAGES, 'distill', killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(cfg, Accelerator(cpu=True))
+    monkeypatch.undo()
+    monkeypatch.setattr(compress.pipeline, 'git_hash', lambda: 'bbbbbbbbbbbb')
+    capsys.readouterr()
+    record = run_recipe(cfg, Accelerator(cpu=True))
+    assert record['resumed_after_stage'] is None and record['git_hash'] == 'bbbbbbbbbbbb'
+    assert 'was written by code aaaaaaaaaaaa, this is bbbbbbbbbbbb: not resumed, the run starts over' in \
+        capsys.readouterr().out
