@@ -35,11 +35,11 @@ def restore_metrics(entry: dict, num_images: int) -> dict:
 class RunProgress:
     """The progress folder of one recipe: ``<output dir>/<name>/.progress-<hash of what determines results>``."""
 
-    def __init__(self, output_dir: str | os.PathLike, config: dict, enabled: bool = True, code: str | None = None):
+    def __init__(self, output_dir: str | os.PathLike, config: dict, writes: bool = True, code: str | None = None):
         identity = json.dumps({k: config[k] for k in ('model', 'data', 'stages', 'seed')}, sort_keys=True, default=str)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
         self.dir = Path(output_dir) / config['name'] / f'.progress-{digest}'
-        self.enabled = enabled
+        self.writes = writes  # every process reads the progress; one writes it
         self.code = code  # the git hash of the running code: pickled modules only go back into the code that wrote them
         self.refused: str | None = None
 
@@ -50,7 +50,7 @@ class RunProgress:
         classes that may have changed, and its metrics would mix two versions of the code.
         """
         path = self.dir / 'progress.json'
-        if not self.enabled or not path.is_file():
+        if not path.is_file():
             return None
         state = json.loads(path.read_text())
         if state.get('code') != self.code:
@@ -68,7 +68,7 @@ class RunProgress:
 
     def save(self, entries: list[dict], completed: int, before: str, model: nn.Module) -> None:
         """Record the entries so far and the float model that stage ``completed`` left (row ``before``)."""
-        if not self.enabled:
+        if not self.writes:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self.load()
@@ -82,7 +82,7 @@ class RunProgress:
         _atomic(self.dir / 'progress.json', lambda handle: handle.write(json.dumps(state, default=str)))
 
     def clear(self) -> None:
-        if self.enabled and self.dir.exists():
+        if self.writes and self.dir.exists():
             shutil.rmtree(self.dir)
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from compress.checkpoint import RunProgress, restore_metrics
 from compress.config import CALIBRATING_KINDS, TRAINING_KINDS, RecipeConfig, RecipeError
@@ -106,7 +107,8 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         notes=model_notes + (['evaluated and timed in deploy form (fused blocks, same function), as the quantized '
                               'rows ship'] if has_deploy_form(model) else []))
 
-    progress = RunProgress(cfg.output.dir, cfg.to_dict(), enabled=accelerator.is_main_process, code=code_version)
+    # every process resumes from the same stage; only the main process writes progress
+    progress = RunProgress(cfg.output.dir, cfg.to_dict(), writes=accelerator.is_main_process, code=code_version)
     state = progress.load()
     if progress.refused:
         accelerator.print(progress.refused)
@@ -135,7 +137,7 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
     for index, stage_cfg in enumerate(cfg.stages):
         if index < first_stage:
             continue
-        torch.manual_seed(cfg.seed + 1 + index)  # a resumed run draws the same numbers as an uninterrupted one
+        set_seed(cfg.seed + 1 + index)  # python, numpy, torch: a resumed run draws what an uninterrupted one does
         results = STAGES[stage_cfg.kind](stage_cfg, model, ctx)
         ctx.previous = results
         for result in results:
@@ -146,9 +148,10 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         if made[0].next_model is not None:
             model = made[0].next_model
             progress.save(rows.public(), index + 1, before, model)
+            accelerator.wait_for_everyone()
 
     if 'finetune' in cfg.controls:
-        torch.manual_seed(cfg.seed + 1 + len(cfg.stages))
+        set_seed(cfg.seed + 1 + len(cfg.stages))
         control = finetune_control(cfg.stages, baseline_model, ctx)
         rows.evaluate(control, before=BASELINE)
         for entry in rows.entries:
@@ -181,7 +184,8 @@ def run_recipe(cfg: RecipeConfig, accelerator, recipe_path: str | None = None) -
         'resumed_after_stage': state['completed'] if state else None,
         'wall_seconds': round(time.perf_counter() - started, 1),
     }
-    if cfg.output.save_model:
+    accelerator.wait_for_everyone()  # the other processes skipped the timing session: the record is written once
+    if cfg.output.save_model and accelerator.is_main_process:
         record['final_model'] = _save_final_model(model, cfg, rows.entries)
     progress.clear()
     return record

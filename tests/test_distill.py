@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import compress.models  # noqa: F401
 from compress.config import DistillStage, RecipeError
-from compress.stages.distill import DistillationObjective, _feature_projections
+from compress.stages.distill import DistillationObjective, FeatureStudent, _feature_projections
 from compress.stages.prune import prune_model
 from compress.config import PruneStage
 
@@ -33,10 +33,12 @@ def test_feature_kd_projects_pruned_widths():
     projections = _feature_projections(student, teacher, (3, 32, 32))
     assert all(isinstance(p, torch.nn.Identity) for p in projections)  # option-A: stage outputs keep widths
     cfg = DistillStage(feature_weight=1.0)
-    objective = DistillationObjective(teacher, cfg, projections)
-    loss, _ = objective(student, torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    objective = DistillationObjective(teacher, cfg, features=True)
+    # the student and its projections are one module: under DDP one wrapped forward covers both
+    loss, _ = objective(FeatureStudent(student, projections), torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
     loss.backward()
     assert objective.last['feature_loss'] > 0
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
 def test_feature_kd_needs_matching_stages():

@@ -26,14 +26,15 @@ __all__ = ['DistillationObjective', 'apply_distill', 'build_teacher']
 class DistillationObjective:
     """``(student, images, labels) -> (loss, logits)`` with logit and optional feature distillation."""
 
-    def __init__(self, teacher: nn.Module, cfg: DistillStage, projections: nn.ModuleList | None = None,
-                 renormalize: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.teacher = teacher.eval()
+    def __init__(self, teacher: nn.Module, cfg: DistillStage, features: bool = False,
+                 renormalize: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str = 'cpu'):
+        self.teacher = teacher.to(device).eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.cfg = cfg
-        self.projections = projections
-        self.renormalize = renormalize  # (scale, shift): teacher_input = images * scale + shift
+        self.features = features  # the student is a FeatureStudent: it returns (logits, projected stage outputs)
+        # (scale, shift): teacher_input = images * scale + shift
+        self.renormalize = None if renormalize is None else tuple(t.to(device) for t in renormalize)
         self.label_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.last = {}
 
@@ -41,34 +42,42 @@ class DistillationObjective:
         if self.renormalize is not None:
             images = images * self.renormalize[0] + self.renormalize[1]
         with torch.no_grad():
-            if self.projections is None:
+            if not self.features:
                 return self.teacher(images), None
             final, features = self.teacher.forward_intermediates(images)
             return self.teacher.forward_head(final), features
 
     def __call__(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         teacher_logits, teacher_features = self._teacher_outputs(images)
-        if self.projections is None:
-            logits, features = student(images), None
+        if self.features:  # through the (DDP-wrapped) student's own forward, so gradients are synchronised
+            logits, features = student(images)
         else:
-            final, features = _unwrap(student).forward_intermediates(images)
-            logits = _unwrap(student).forward_head(final)
+            logits, features = student(images), None
         temperature = self.cfg.temperature
         kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1),
                       reduction='batchmean', log_target=True) * temperature ** 2
         task = self.label_loss(logits, labels)
         loss = (1 - self.cfg.alpha) * task + self.cfg.alpha * kd
         if features is not None:
-            feature_loss = sum(F.mse_loss(projection(s), t) / t.pow(2).mean().clamp_min(1e-6)
-                               for projection, s, t in zip(self.projections, features, teacher_features))
+            feature_loss = sum(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-6)
+                               for s, t in zip(features, teacher_features))
             loss = loss + self.cfg.feature_weight * feature_loss
             self.last['feature_loss'] = float(feature_loss.detach())
         self.last.update(task_loss=float(task.detach()), kd_loss=float(kd.detach()))
         return loss, logits
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, 'module') and isinstance(model.module, nn.Module) else model
+class FeatureStudent(nn.Module):
+    """The student with its feature-KD projections, as one module: under DDP everything trainable goes through
+    one wrapped forward (and its gradient synchronisation), projections included. ``model`` is the student."""
+
+    def __init__(self, model: nn.Module, projections: nn.ModuleList):
+        super().__init__()
+        self.model, self.projections = model, projections
+
+    def forward(self, images: torch.Tensor):
+        final, features = self.model.forward_intermediates(images)
+        return self.model.forward_head(final), [project(f) for project, f in zip(self.projections, features)]
 
 
 def build_teacher(cfg: DistillStage, ctx: StageContext) -> tuple[nn.Module, str]:
@@ -115,9 +124,11 @@ def _feature_projections(student: nn.Module, teacher: nn.Module, input_size) -> 
 def apply_distill(cfg: DistillStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     start = time.perf_counter()
     teacher, teacher_name = build_teacher(cfg, ctx)
-    projections = _feature_projections(model, teacher, ctx.input_size) if cfg.feature_weight > 0 else None
-    objective = DistillationObjective(teacher, cfg, projections, _renormalization(teacher, ctx))
-    model, summary = train_model(cfg, model, ctx, objective=objective, extra=projections, desc='distill')
+    features = cfg.feature_weight > 0
+    objective = DistillationObjective(teacher, cfg, features, _renormalization(teacher, ctx), ctx.accelerator.device)
+    student = FeatureStudent(model, _feature_projections(model, teacher, ctx.input_size)) if features else model
+    student, summary = train_model(cfg, student, ctx, objective=objective, desc='distill')
+    model = student.model if features else student
     losses = ', '.join(f'{k} {v:.3f}' for k, v in objective.last.items())
     return [StageResult(
         name='distill', kind='distill', artifact=deploy_form(model), float_model=model, next_model=model,

@@ -43,7 +43,6 @@ class _FreezeSchedule:
 
     def __call__(self, step: int, total: int, model: nn.Module) -> None:
         from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval
-        model = model.module if hasattr(model, 'module') and isinstance(model.module, nn.Module) else model
         if not self.observers_frozen and step >= self.observers_at * total:
             model.apply(disable_observer)
             self.observers_frozen = True
@@ -64,7 +63,8 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
     objective = None
     if cfg.alpha > 0:
         teacher, teacher_name = build_teacher(cfg, ctx)
-        objective = DistillationObjective(teacher, cfg, renormalize=_renormalization(teacher, ctx))
+        objective = DistillationObjective(teacher, cfg, renormalize=_renormalization(teacher, ctx),
+                                          device=ctx.accelerator.device)
         notes.append(f'KD from {teacher_name}, T={cfg.temperature}, alpha={cfg.alpha}')
     schedule = _FreezeSchedule(cfg.freeze_observers_at, cfg.freeze_bn_at)
     prepared, summary = train_model(cfg, prepared, ctx, objective=objective, on_step=schedule, desc='qat')

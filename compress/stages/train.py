@@ -12,7 +12,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.config import TrainStage
+from compress.config import RecipeError, TrainStage
 from compress.data import make_loader
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
@@ -40,43 +40,48 @@ class CrossEntropyObjective:
         return self.loss_fn(logits, labels), logits
 
 
-def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=None, extra: nn.Module | None = None,
-                on_step=None, desc: str = 'train') -> tuple[nn.Module, dict]:
+def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=None, on_step=None,
+                desc: str = 'train') -> tuple[nn.Module, dict]:
     """Train ``model`` on the training split; returns the trained (unwrapped, eval-mode) model and a summary.
+
+    With several processes the loader is sharded: steps, the learning-rate schedule and ``on_step`` count this
+    process's steps (each one optimizer step of the global batch), so every process runs the same schedule.
 
     Args:
         cfg: optimisation settings (a :class:`TrainStage` or a stage config extending it).
-        model: the model to train (in place).
+        model: the model to train (in place); every trainable part the objective uses must be inside it, so one
+            (DDP) forward covers it.
         ctx: the stage context.
         objective: ``(model, images, labels) -> (loss, logits)``; default cross-entropy with label smoothing.
-        extra: more trainable modules the objective uses (e.g. feature-distillation projections).
         on_step: called as ``on_step(step, total_steps, model)`` before each step (e.g. QAT freezing schedules).
         desc: progress-bar label.
     """
     accelerator = ctx.accelerator
     if ctx.data.train is None:
         raise ValueError('the train stage needs a training split')
-    loader = make_loader(ctx.data.train, cfg.batch_size or ctx.data_cfg.batch_size, ctx.data_cfg.workers,
-                         shuffle=True, seed=ctx.seed, drop_last=True)
-    steps_per_epoch = len(loader)
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    groups = param_groups_weight_decay(model, cfg.weight_decay)
-    if extra is not None:
-        groups += param_groups_weight_decay(extra, cfg.weight_decay)
-        extra.train()
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine_with_warmup(total_steps, max(1, int(cfg.warmup_fraction * total_steps))))
+    batch_size = cfg.batch_size or ctx.data_cfg.batch_size
+    loader = make_loader(ctx.data.train, batch_size, ctx.data_cfg.workers, shuffle=True, seed=ctx.seed,
+                         drop_last=True)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
     objective = objective or CrossEntropyObjective(cfg.label_smoothing)
     _train_mode(model)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # the scheduler stays outside prepare(): Accelerate would step a prepared scheduler once per process per step
+    raw_optimizer = optimizer
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)  # this process's shard
+    if steps_per_epoch == 0:
+        raise RecipeError(f'data.batch_size: {len(ctx.data.train)} training images make no batch of {batch_size} '
+                          f'per process; lower the batch size')
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        raw_optimizer, _cosine_with_warmup(total_steps, max(1, int(cfg.warmup_fraction * total_steps))))
     step, running_loss, running_correct, seen = 0, 0.0, 0, 0
     progress = tqdm(total=total_steps, desc=desc, disable=None if accelerator.is_local_main_process else True,
                     leave=False)
     while step < total_steps:
         for images, labels, _ in loader:
             if on_step is not None:
-                on_step(step, total_steps, model)
+                on_step(step, total_steps, accelerator.unwrap_model(model))
             with accelerator.autocast():
                 loss, logits = objective(model, images, labels)
             accelerator.backward(loss)
@@ -98,8 +103,10 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
     progress.close()
     model = _eval_mode(accelerator.unwrap_model(model))
     accelerator.free_memory()
-    return model, {'steps': total_steps, 'train_loss': round(running_loss / max(1, seen), 4),
-                   'train_top1': round(100 * running_correct / max(1, seen), 2)}
+    return model.cpu(), {'steps': total_steps, 'processes': accelerator.num_processes,
+                         'global_batch': batch_size * accelerator.num_processes,
+                         'train_loss': round(running_loss / max(1, seen), 4),
+                         'train_top1': round(100 * running_correct / max(1, seen), 2)}
 
 
 def _train_mode(model: nn.Module) -> nn.Module:
