@@ -44,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check(recipe: str, overrides: list[str]) -> str | None:
+    """The one-line problem with a recipe and its inputs, or None when it can run (the ``compress`` command)."""
+    from compress.config import RecipeError, check_inputs, load_recipe
+    try:
+        check_inputs(load_recipe(recipe, overrides))
+    except RecipeError as error:
+        return str(error)
+    return None
+
+
 def _message(error: Exception) -> str:
     # a loader worker's error comes back wrapped ("Caught X in DataLoader worker 0. Original Traceback ..."):
     # its last line holds the message
