@@ -149,7 +149,7 @@ class TrainStage:
                                                                                'data.batch_size')
 
 
-PTQ_BACKENDS = ('x86_pt2e', 'openvino')
+PTQ_BACKENDS = ('x86_pt2e', 'openvino', 'torchao_int8')
 
 
 @dataclass
@@ -157,9 +157,10 @@ class PtqInt8Stage:
     """Static int8 post-training quantization of convolutions and linears.
 
     ``backend`` x86_pt2e: torch.export → prepare_pt2e(X86InductorQuantizer) → calibrate → convert_pt2e →
-    torch.compile. openvino: convert to OpenVINO → nncf.quantize → OpenVINO CPU runtime. With several
-    backends each is applied to the same input model and gets its own row; the pipeline continues with the
-    first.
+    torch.compile (CPU). openvino: convert to OpenVINO → nncf.quantize → OpenVINO CPU runtime. torchao_int8:
+    torchao's dynamic int8 (int8 weights, activations quantized at run time) on nn.Linear layers, the int8 path
+    that runs on CUDA as well as on the CPU. With several backends each is applied to the same input model and
+    gets its own row; the pipeline continues with the first.
     """
     kind: str = 'ptq_int8'
     backend: list[str] = field(default_factory=lambda: ['x86_pt2e'])

@@ -17,7 +17,9 @@ __all__ = ['evaluate_accuracy']
 def evaluate_accuracy(runner, loader, accelerator, bootstrap: int = 1000, desc: str = 'eval') -> dict:
     """Score a runner (any callable images → logits) on a loader of ``(images, labels, indices)`` batches.
 
-    Compiled runners have a ``fixed_batch``: a short last batch is padded up to it and the padding dropped.
+    Compiled runners have a ``fixed_batch``: a short last batch is padded up to it and the padding dropped. The
+    loader's batches come on the accelerator's device; runners move them where they run (PT2E and OpenVINO: the
+    CPU) and the results are gathered on the accelerator's device.
 
     Returns:
         ``top1``, ``top5`` (in %), their 95 % bootstrap intervals, ``num_images`` and the per-image 0/1 vectors
@@ -32,7 +34,7 @@ def evaluate_accuracy(runner, loader, accelerator, bootstrap: int = 1000, desc: 
         if fixed and count < fixed:
             images = torch.cat([images, images.new_zeros((fixed - count, *images.shape[1:]))])
         with torch.no_grad():
-            logits = runner(images)[:count].float()
+            logits = runner(images)[:count].float().to(labels.device)  # CPU-only runtimes answer on the CPU
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit1 = top5[:, 0] == labels
         hit5 = (top5 == labels[:, None]).any(dim=1)

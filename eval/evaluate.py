@@ -20,19 +20,26 @@ from eval.complexity import count_macs, count_params
 from eval.coverage import execution_order, weight_coverage
 from eval.runtimes import OpenVINORunner, TorchRunner
 from eval.stats import pack_bits, paired_delta_ci
-from eval.timing import measure_gpu, speedup, throughput, time_forms
+from eval.timing import speedup, throughput, time_forms
 
-__all__ = ['runner_for', 'evaluate_result', 'describe_reference', 'paired_delta', 'time_run', 'speed_metrics',
+__all__ = ['runner_for', 'runs_on_accelerator', 'gpu_speed', 'evaluate_result', 'describe_reference', 'paired_delta', 'time_run', 'speed_metrics',
            'public_metrics']
 
 
 def runner_for(artifact, label: str, eval_cfg, files: list[str] | None = None,
-               dtype: torch.dtype | None = None, compiled: bool | None = None):
+               dtype: torch.dtype | None = None, compiled: bool | None = None, device: str | torch.device = 'cpu'):
     """How an artifact runs when deployed: torch modules compiled (or eager), OpenVINO models on the CPU plugin."""
     if isinstance(artifact, nn.Module):
         compiled = eval_cfg.compile if compiled is None else compiled
-        return TorchRunner(artifact, compiled=compiled, label=label, fixed_batch=eval_cfg.batch_size, dtype=dtype)
+        return TorchRunner(artifact, compiled=compiled, label=label, fixed_batch=eval_cfg.batch_size, dtype=dtype,
+                           device=device)
     return OpenVINORunner(artifact, label=label, precision='f32', threads=eval_cfg.threads, files=files)
+
+
+def runs_on_accelerator(artifact) -> bool:
+    """Whether an artifact can run on a CUDA device: torch modules do, except PT2E x86 graphs (oneDNN int8 kernels
+    are CPU kernels); OpenVINO models run on the CPU plugin here."""
+    return isinstance(artifact, nn.Module) and not isinstance(artifact, torch.fx.GraphModule)
 
 
 def _precision(coverage: dict, dtype: torch.dtype | None) -> str:
@@ -71,10 +78,13 @@ def evaluate_result(result, ctx, loader, before: dict | None = None, dtype: torc
         runner: an already built runner of the artifact.
     """
     cfg = ctx.eval_cfg
-    runner = runner or runner_for(result.artifact, result.name, cfg, result.files, dtype)
-    metrics: dict = {}
+    runner = runner or runner_for(result.artifact, result.name, cfg, result.files, dtype)  # the CPU form
+    device = ctx.accelerator.device
+    on_device = device.type == 'cuda' and runs_on_accelerator(result.artifact)
+    scorer = runner_for(result.artifact, result.name, cfg, dtype=dtype, device=device) if on_device else runner
+    metrics: dict = {'evaluated_on': device.type if on_device else 'cpu'}
     if cfg.accuracy:
-        accuracy = evaluate_accuracy(runner, loader, ctx.accelerator, cfg.bootstrap, desc=f'eval {result.name}')
+        accuracy = evaluate_accuracy(scorer, loader, ctx.accelerator, cfg.bootstrap, desc=f'eval {result.name}')
         correct1, correct5 = accuracy.pop('correct1'), accuracy.pop('correct5')
         metrics.update(accuracy)
         metrics['correct1_bits'] = pack_bits(correct1)
@@ -98,13 +108,27 @@ def evaluate_result(result, ctx, loader, before: dict | None = None, dtype: torc
     metrics.update({key: coverage[key] for key in ('int8_weight_fraction', 'int4_weight_fraction',
                                                     'float_weight_fraction', 'quantized_weight_fraction')})
     metrics['_coverage'] = coverage  # written to the entry by the caller, not into metrics
-    if isinstance(result.artifact, nn.Module) and metrics['precision'] in ('fp32', 'bf16') and \
-            ctx.accelerator.is_main_process:
-        gpu = measure_gpu(result.artifact, ctx.input_size, max(cfg.throughput_batch_sizes),
-                          bf16=dtype == torch.bfloat16)
-        if gpu is not None:
-            metrics[f'gpu_img_s_bs{max(cfg.throughput_batch_sizes)}'] = gpu['img_s']
+    if on_device and cfg.throughput and ctx.accelerator.is_main_process:
+        metrics.update(gpu_speed(result.artifact, result.name, cfg, ctx.input_size, device, dtype))
     return metrics, runner
+
+
+def gpu_speed(artifact, label: str, cfg, input_size, device, dtype: torch.dtype | None = None) -> dict:
+    """img/s on the CUDA device, compiled, at each throughput batch size; a float artifact also in bf16
+    (``gpu_img_s_bf16_bs<B>``) and its speedup over its own fp32 there, medians of interleaved rounds."""
+    forms = {'gpu': runner_for(artifact, label, cfg, dtype=dtype, device=device)}
+    if dtype is None and weight_coverage(artifact)['quantized_weight_fraction'] == 0:
+        forms['gpu_bf16'] = runner_for(artifact, label, cfg, dtype=torch.bfloat16, device=device)
+    session = time_forms(forms, input_size, cfg.throughput_batch_sizes, rounds=cfg.rounds,
+                         min_seconds=cfg.min_seconds, warmup=cfg.warmup, measure='wall')
+    metrics = {}
+    for batch in cfg.throughput_batch_sizes:
+        for form in forms:
+            metrics[f'{form}_img_s_bs{batch}'] = throughput(session, form, batch)['img_s']
+        if 'gpu_bf16' in forms:
+            metrics[f'gpu_bf16_speedup_bs{batch}'] = speedup(session, 'gpu_bf16', 'gpu', batch)
+    metrics['gpu'] = torch.cuda.get_device_name(device)
+    return metrics
 
 
 def describe_reference(runner) -> dict:

@@ -1,9 +1,10 @@
 """How an artifact runs when deployed: the callables the evaluator scores and times.
 
 * :class:`TorchRunner`: a torch module (a float model, a PT2E int8 graph, a model with torchao weights) run eagerly
-  or under ``torch.compile`` for the CPU (inductor with freezing, which CPU weight prepacking and the PT2E int8
-  fusions need), optionally in bf16. Compiled runners have one graph per batch size, so the evaluator pads a
-  short last batch up to ``fixed_batch`` rather than compile another shape.
+  or under ``torch.compile`` (inductor with freezing, which CPU weight prepacking and the PT2E int8 fusions need),
+  optionally in bf16, on the CPU or on a CUDA device (its own copy there; logits always come back on the CPU).
+  Compiled runners have one graph per batch size, so the evaluator pads a short last batch up to
+  ``fixed_batch`` rather than compile another shape.
 * :class:`OpenVINORunner`: an OpenVINO model compiled for the CPU plugin with an explicit precision hint (OpenVINO
   otherwise runs "fp32" in bf16 on CPUs that have it) and thread count.
 * :func:`to_openvino`: the one torch → OpenVINO conversion (dynamic batch) every stage and tool uses.
@@ -56,29 +57,34 @@ def _inference_mode(module: nn.Module) -> nn.Module:
 
 
 class TorchRunner:
-    """A torch module as deployed: eager, or compiled for CPU (``compiled=True``); ``dtype=torch.bfloat16`` runs
-    a copy whose parameters and input are bf16 (logits come back in fp32)."""
+    """A torch module as deployed: eager, or compiled (``compiled=True``); ``dtype=torch.bfloat16`` runs a copy
+    whose parameters and input are bf16; ``device='cuda'`` runs a copy on that device. Logits come back in fp32 on
+    the CPU."""
 
     def __init__(self, module: nn.Module, compiled: bool, label: str, fixed_batch: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, device: str | torch.device = 'cpu'):
         self.module = _inference_mode(module)
         self.compiled = compiled
         self.label = label
         self.dtype = dtype
+        self.device = torch.device(device)
         self.fixed_batch = fixed_batch if compiled else None
-        runnable = self.module if dtype is None else copy.deepcopy(self.module).to(dtype)
+        runnable = self.module
+        if dtype is not None or self.device.type != 'cpu':
+            runnable = copy.deepcopy(self.module).to(device=self.device, dtype=dtype)
         self._fn = compile_for_cpu(runnable, label) if compiled else runnable
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.dtype is None:
-            return self._fn(images)
-        return self._fn(images.to(self.dtype)).float()
+        images = images.to(device=self.device, dtype=self.dtype or images.dtype)
+        logits = self._fn(images)
+        return logits if self.dtype is None and self.device.type == 'cpu' else logits.float().cpu()
 
     @property
     def runtime(self) -> str:
         return ('torch.compile (inductor)' if self.compiled else 'torch eager') + \
-            (f', {str(self.dtype).removeprefix("torch.")}' if self.dtype is not None else '')
+            (f', {str(self.dtype).removeprefix("torch.")}' if self.dtype is not None else '') + \
+            (f', {self.device.type}' if self.device.type != 'cpu' else '')
 
     def size_mb(self) -> float:
         """Serialized size of the tensors the model runs with (for a graph, only those its nodes use)."""
@@ -111,7 +117,7 @@ class OpenVINORunner:
         self.compiled_model = ov.Core().compile_model(ov_model, 'CPU', config)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.compiled_model(images.numpy())[0])
+        return torch.from_numpy(self.compiled_model(images.cpu().numpy())[0])
 
     @property
     def runtime(self) -> str:

@@ -37,12 +37,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.benchmark import Timer
 from torch.utils.benchmark.utils.common import set_torch_threads
 
 from eval.stats import median_ci
 
-__all__ = ['pin_allocator', 'time_forms', 'speedup', 'throughput', 'control_ratios', 'measure_gpu']
+__all__ = ['pin_allocator', 'time_forms', 'speedup', 'throughput', 'control_ratios']
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _NO_TRIM = -1  # freed memory stays with the process instead of being returned and faulted in again
@@ -194,23 +193,3 @@ def control_ratios(session: dict) -> dict | None:
     """The A/A ratios of a session (``{'bs<B>': [median, low, high]}``), or None without a control."""
     return session['control']['ratios'] if session.get('control') else None
 
-
-def measure_gpu(module: torch.nn.Module, input_size, batch_size: int, bf16: bool = False, rounds: int = 5,
-                min_seconds: float = 0.5) -> dict | None:
-    """img/s of a float module on the first CUDA device (None without CUDA): median of ``rounds`` blocks."""
-    if not torch.cuda.is_available():
-        return None
-    module = module.to('cuda').eval()
-    images = torch.randn(batch_size, *input_size, device='cuda')
-
-    def call():
-        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
-            module(images)
-    try:
-        timer = Timer('call()', globals={'call': call})  # its default clock synchronizes CUDA
-        per_call = timer.timeit(3).mean
-        calls = max(1, math.ceil(min_seconds / per_call))
-        times = sorted(timer.timeit(calls).mean for _ in range(rounds))
-        return {'img_s': round(batch_size / times[len(times) // 2], 2)}
-    finally:
-        module.to('cpu')

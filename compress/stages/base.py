@@ -33,6 +33,14 @@ def backend_failure(error: BaseException) -> str:
     return f'{type(error).__name__}: {first_line(error)}'
 
 
+def layers_not_taken(layers: list[dict]) -> str:
+    """One line for the layers a backend did not take, counted by reason (each item has a ``why``)."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer['why']] = counts.get(layer['why'], 0) + 1
+    return '; '.join(f'{count} layer(s): {why}' for why, count in counts.items())
+
+
 @dataclass
 class StageContext:
     accelerator: Any

@@ -9,12 +9,16 @@ Backends:
   model, not NNCF's torch fake-quant model, is what makes every conv run in u8) → OpenVINO CPU runtime. The float
   OpenVINO model it started from is returned too (reference ``openvino fp32``), so the evaluator can time the
   runtime's own gain apart from quantization's.
+* ``torchao_int8``: ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` on the ``nn.Linear`` layers:
+  int8 weights, activations quantized at run time. It runs on CUDA (where the other two backends do not) and on
+  the CPU under ``torch.compile``; convolutions stay float, so a CNN gets no row (the reason says so).
 
 NNCF's settings come from the model (:func:`nncf_settings`), the same in a recipe and in ``compress.benchmark``,
 and are recorded with the result. A backend that cannot quantize the model returns no artifact, only the reason.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -25,11 +29,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from compress.config import PtqInt8Stage
 from compress.data import calibration_batches
 from compress.deploy import deploy_form
-from compress.stages.base import StageContext, StageResult, backend_failure
+from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
 from compress.stages.families import rules_for
+from eval.coverage import weight_coverage
 from eval.runtimes import to_openvino
 
-__all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'nncf_settings', 'runs_attention']
+__all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'quantize_torchao_int8', 'nncf_settings',
+           'runs_attention']
 
 # activation x activation products: what makes a model a transformer to NNCF (it then quantizes them, keeps
 # softmax inputs in float and smooths activations)
@@ -109,6 +115,24 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], settings: dic
     return quantized, float_model
 
 
+class _NothingQuantized(Exception):
+    """A backend that took no layer of the model; the message says why, layer kind by layer kind."""
+
+
+def quantize_torchao_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of ``model`` with torchao dynamic int8 ``nn.Linear`` layers; and why each other layer is not int8."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    quantized = copy.deepcopy(model).eval()
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    why_not = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            why_not[name] = 'convolution: torchao int8 covers nn.Linear only'
+        elif isinstance(module, nn.Linear) and type(module.weight).__name__ != 'Int8Tensor':
+            why_not[name] = 'skipped by torchao'
+    return quantized, why_not
+
+
 def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     calib = calibration_batches(ctx.data.calib, cfg.calib_images, ctx.data_cfg.batch_size, ctx.data_cfg.workers,
                                 ctx.seed)
@@ -125,6 +149,13 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         try:
             if backend == 'x86_pt2e':
                 artifact = quantize_x86_pt2e(deploy_model, calib)
+            elif backend == 'torchao_int8':
+                artifact, why_not = quantize_torchao_int8(deploy_model)
+                info['not_int8'] = [{'layer': name, 'why': why} for name, why in why_not.items()]
+                notes[:] = ['torchao Int8DynamicActivationInt8WeightConfig on nn.Linear (no calibration: activations '
+                            'are quantized at run time)']
+                if weight_coverage(artifact)['int8_weight_fraction'] == 0:
+                    raise _NothingQuantized(layers_not_taken(info['not_int8']) or 'the model has no nn.Linear')
             else:
                 info['nncf'] = nncf_settings(deploy_model, ctx.input_size, cfg.transformer)
                 artifact, float_ov = quantize_openvino(deploy_model, calib, info['nncf'])
@@ -132,6 +163,8 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                 notes.append(f'nncf model_type {info["nncf"]["model_type"]} ({info["nncf"]["why"]})'
                              + (', family ignored scope' if info['nncf']['ignored_scope'] else ''))
             failed = None
+        except _NothingQuantized as nothing:
+            artifact, failed = None, f'{backend} put no weight in int8: {nothing}'
         except Exception as error:  # capture or quantization failed: no int8 row, the reason is recorded
             artifact, failed = None, f'{backend} could not quantize the model: {backend_failure(error)}'
         results.append(StageResult(

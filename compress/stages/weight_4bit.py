@@ -60,7 +60,7 @@ from torch import nn
 
 from compress.config import Weight4BitStage
 from compress.deploy import deploy_form
-from compress.stages.base import StageContext, StageResult, backend_failure
+from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
 from eval.coverage import execution_order, weight_coverage
 from eval.runtimes import to_openvino
 
@@ -191,13 +191,6 @@ def _group_size_note(group_sizes: dict[str, int], requested: int) -> str | None:
         f'{count} layers at group {group}' for group, count in sorted(adjusted.items(), key=lambda kv: -kv[0]))
 
 
-def _one_line_reasons(reasons: list[dict]) -> str:
-    by_why: dict[str, int] = {}
-    for reason in reasons:
-        by_why[reason['why']] = by_why.get(reason['why'], 0) + 1
-    return '; '.join(f'{count} layer(s): {why}' for why, count in by_why.items())
-
-
 def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     example = torch.zeros(1, *ctx.input_size)
     deploy_model = deploy_form(model)  # the plain layers the compressors know
@@ -238,10 +231,10 @@ def apply_weight_4bit(cfg: Weight4BitStage, model: nn.Module, ctx: StageContext)
             if group_note:
                 notes.append(group_note)
             if info['not_4bit']:
-                notes.append('not in 4 bit: ' + _one_line_reasons(info['not_4bit']))
+                notes.append('not in 4 bit: ' + layers_not_taken(info['not_4bit']))
             if coverage['int4_weight_fraction'] == 0:
                 artifact, references = None, {}
-                failed = f'{backend} put no weight in 4 bit: ' + (_one_line_reasons(info['not_4bit'])
+                failed = f'{backend} put no weight in 4 bit: ' + (layers_not_taken(info['not_4bit'])
                                                                   or 'the model has no conv / linear weights')
         except Exception as error:  # unavailable config or kernel, or a failed conversion
             artifact, references = None, {}
