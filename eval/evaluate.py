@@ -22,8 +22,8 @@ from eval.runtimes import OpenVINORunner, TorchRunner
 from eval.stats import pack_bits, paired_delta_ci
 from eval.timing import speedup, throughput, time_forms
 
-__all__ = ['runner_for', 'runs_on_accelerator', 'gpu_speed', 'evaluate_result', 'describe_reference', 'paired_delta', 'time_run', 'speed_metrics',
-           'public_metrics']
+__all__ = ['runner_for', 'runs_on_accelerator', 'gpu_speed', 'evaluate_result', 'describe_reference', 'paired_delta',
+           'time_run', 'speed_metrics', 'public_metrics']
 
 
 def runner_for(artifact, label: str, eval_cfg, files: list[str] | None = None,

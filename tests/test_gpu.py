@@ -39,7 +39,8 @@ def test_train_prune_distill_ptq_on_the_gpu(tmp_path):
         assert metrics['evaluated_on'] == 'cuda', name
         assert metrics['gpu_img_s_bs1'] > 0 and metrics['gpu_img_s_bs32'] > 0, name
     for name in ('baseline', 'train', 'distill'):  # fp32 rows: bf16 on the GPU too, timed in the same rounds
-        assert rows[name]['metrics']['gpu_bf16_img_s_bs32'] > 0 and len(rows[name]['metrics']['gpu_bf16_speedup_bs32']) == 3
+        metrics = rows[name]['metrics']
+        assert metrics['gpu_bf16_img_s_bs32'] > 0 and len(metrics['gpu_bf16_speedup_bs32']) == 3
     pt2e = rows['ptq_int8[x86_pt2e]']['metrics']
     assert pt2e['evaluated_on'] == 'cpu' and pt2e['int8_weight_fraction'] == 1.0  # oneDNN int8: a CPU artifact
     torchao = rows['ptq_int8[torchao_int8]']
