@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -77,7 +78,10 @@ def write_record(record: dict, output_dir: str | os.PathLike) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
     base = f"{stamp}-{record.get('git_hash') or 'nogit'}"
     text = json.dumps(record, indent=1, sort_keys=False, default=str)
-    with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.tmp', delete=False) as handle:
+    for stale in folder.glob('.record-*.tmp'):  # left by a writer killed between its write and its link
+        if time.time() - stale.stat().st_mtime > 600:  # (a write takes milliseconds: a younger one is in flight)
+            stale.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=folder, prefix='.record-', suffix='.tmp', delete=False) as handle:
         handle.write(text)
         temporary = Path(handle.name)
     for attempt in range(1000):
