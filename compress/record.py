@@ -10,8 +10,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,9 +81,10 @@ def write_record(record: dict, output_dir: str | os.PathLike) -> Path:
     for stale in folder.glob('.record-*.tmp'):  # left by a writer killed between its write and its link
         if time.time() - stale.stat().st_mtime > 600:  # (a write takes milliseconds: a younger one is in flight)
             stale.unlink(missing_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=folder, prefix='.record-', suffix='.tmp', delete=False) as handle:
+    temporary = folder / f'.record-{os.getpid()}-{secrets.token_hex(4)}.tmp'
+    # os.open with 0o666 keeps the user's umask (tempfile's files are private, 0600, unlike every other output)
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'w') as handle:
         handle.write(text)
-        temporary = Path(handle.name)
     for attempt in range(1000):
         target = folder / (f'{base}.json' if attempt == 0 else f'{base}-{attempt}.json')
         try:

@@ -1,6 +1,7 @@
 """Records are written atomically and never overwritten; tables are generated from them with paired deltas."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -97,6 +98,14 @@ def test_records_never_overwrite_and_tables_pick_the_newest(tmp_path):
     assert '\\toprule' in (out / 'runs.tex').read_text()
     rows = list(csv.DictReader((out / 'runs.csv').open()))
     assert [r['stage'] for r in rows] == ['baseline', 'train', 'ptq_int8[x86_pt2e]', 'control[finetune]']
+
+
+def test_a_record_is_as_readable_as_other_files_the_user_writes(tmp_path):
+    umask = os.umask(0o022)
+    try:  # not private (0600) like a temporary file
+        assert (write_record(make_record(), tmp_path).stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_tables_refuse_an_empty_folder(tmp_path, capsys):
