@@ -86,11 +86,13 @@ def test_capture_failure_makes_no_result_and_says_why():
 
 def test_torchao_int8_takes_the_linears_and_says_why_not_the_convs():
     torch.manual_seed(0)
-    model = timm.create_model('deit_tiny_patch16_224', depth=1).eval()
+    model = timm.create_model('deit_tiny_patch16_224', depth=1, num_classes=10).eval()
     quantized, why_not = quantize_torchao_int8(model)
     coverage = weight_coverage(quantized)
-    assert coverage['layers']['float'] == ['patch_embed.proj'] and coverage['int8_weight_fraction'] > 0.8
-    assert why_not == {'patch_embed.proj': 'convolution: torchao int8 covers nn.Linear only'}
+    assert sorted(coverage['layers']['float']) == ['head', 'patch_embed.proj']
+    assert coverage['int8_weight_fraction'] > 0.7  # 0.75: one block's linears against the embedding and head
+    assert why_not == {'patch_embed.proj': 'convolution: torchao int8 covers nn.Linear only',
+                       'head': '192→10 features: CUDA int8 matmul needs multiples of 8'}  # as found on an H200
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert sqnr_db(model(images), quantized(images)) > 25  # measured 34 dB

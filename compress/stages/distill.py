@@ -103,14 +103,18 @@ def _renormalization(teacher: nn.Module, ctx: StageContext):
     return std_s / std_t, (mean_s - mean_t) / std_t
 
 
+def _stage_outputs(model: nn.Module, input_size) -> list[torch.Tensor]:
+    # each on its own device: the teacher already sits on the accelerator, the student is moved there later
+    probe = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    with torch.no_grad():
+        return model.eval().forward_intermediates(probe)[1]
+
+
 def _feature_projections(student: nn.Module, teacher: nn.Module, input_size) -> nn.ModuleList:
     for name, model in (('student', student), ('teacher', teacher)):
         if not hasattr(model, 'forward_intermediates'):
             raise RecipeError(f'distill.feature_weight: the {name} has no forward_intermediates; set feature_weight=0')
-    probe = torch.zeros(1, *input_size)
-    with torch.no_grad():
-        _, student_features = student.eval().forward_intermediates(probe)
-        _, teacher_features = teacher.eval().forward_intermediates(probe)
+    student_features, teacher_features = (_stage_outputs(model, input_size) for model in (student, teacher))
     if len(student_features) != len(teacher_features):
         raise RecipeError('distill.feature_weight: student and teacher have different numbers of stages')
     projections = []

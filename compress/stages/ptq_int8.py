@@ -119,15 +119,23 @@ class _NothingQuantized(Exception):
     """A backend that took no layer of the model; the message says why, layer kind by layer kind."""
 
 
+def _int8_matmul_shape(module: nn.Module) -> bool:
+    # torch._int_mm (cuBLAS) refuses other widths at run time; the CPU would take them, but one artifact must run
+    # on both devices, so a record made here and one made on a GPU hold the same layers in int8
+    return isinstance(module, nn.Linear) and module.in_features % 8 == 0 and module.out_features % 8 == 0
+
+
 def quantize_torchao_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """A copy of ``model`` with torchao dynamic int8 ``nn.Linear`` layers; and why each other layer is not int8."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     quantized = copy.deepcopy(model).eval()
-    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: _int8_matmul_shape(m))
     why_not = {}
     for name, module in quantized.named_modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             why_not[name] = 'convolution: torchao int8 covers nn.Linear only'
+        elif isinstance(module, nn.Linear) and not _int8_matmul_shape(module):
+            why_not[name] = f'{module.in_features}→{module.out_features} features: CUDA int8 matmul needs multiples of 8'
         elif isinstance(module, nn.Linear) and type(module.weight).__name__ != 'Int8Tensor':
             why_not[name] = 'skipped by torchao'
     return quantized, why_not
