@@ -177,6 +177,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys, request):
     assert code == 2
     assert len(err) == 1 and err[0].startswith('error: '), err
     message = err[0].removeprefix('error: ')
+    request.node.user_properties.append(('printed', err[0]))  # the corpus with its lines: --junitxml
     assert fill(expected) in message
     assert not (tmp_path / 'runs').exists() or not any((tmp_path / 'runs').rglob('*.json'))
     assert not list(tmp_path.rglob('*.tmp')) and not list(tmp_path.rglob('.progress-*'))
