@@ -58,3 +58,26 @@ def test_sigkill_in_a_training_stage_then_resume_gives_the_same_record(tmp_path)
         assert before['name'] == after['name']
         for key in ('top1', 'top5', 'correct1_bits', 'params_m', 'gmacs', 'size_mb', 'precision'):
             assert before['metrics'][key] == after['metrics'][key], (before['name'], key)
+
+
+WRITER = """
+import sys
+from compress.record import write_record
+write_record({'recipe': {'name': 'demo'}, 'git_hash': 'abc', 'padding': 'x' * 400_000_000}, sys.argv[1])
+"""
+
+
+def test_sigkill_while_the_record_is_written_leaves_no_record_and_the_next_run_cleans_up(tmp_path):
+    from compress.record import write_record
+    from eval.tables import load_records
+    writer = subprocess.Popen([sys.executable, '-c', WRITER, str(tmp_path)], cwd=ROOT, start_new_session=True)
+    folder = tmp_path / 'demo'
+    while writer.poll() is None and not list(folder.glob('.record-*.tmp')):
+        pass  # the temporary file appears when the write begins; the 400 MB write takes a while
+    os.killpg(writer.pid, signal.SIGKILL)
+    writer.wait()
+    (partial,) = folder.glob('.record-*.tmp')  # killed before its link: the partial file has a hidden name
+    assert not list(folder.glob('*.json')) and not load_records(tmp_path, newest_only=False)
+    os.utime(partial, (0, 0))  # a writer dead for long enough: the next record removes what it left
+    write_record({'recipe': {'name': 'demo'}, 'git_hash': 'abc'}, tmp_path)
+    assert not partial.exists() and len(list(folder.glob('*.json'))) == 1
