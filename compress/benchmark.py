@@ -166,6 +166,16 @@ def _provenance(meta: dict) -> str:
             f'{env.get("load_average")} before, {meta.get("load_after")} after.')
 
 
+def portable_command(words: list[str], json_path: str | None) -> str:
+    """The command as a reader would type it: the output file relative to the working folder (or by its name
+    alone when outside it), never a folder of the machine it was run on."""
+    if json_path:
+        out = Path(json_path).resolve()
+        shown = str(out.relative_to(Path.cwd())) if out.is_relative_to(Path.cwd()) else out.name
+        words = [word.replace(json_path, shown) for word in words]
+    return 'python -m compress.benchmark ' + ' '.join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('models', nargs='*')
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print('error: --readme writes a saved table: pass --from-json FILE too', file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    command = 'python -m compress.benchmark ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    command = portable_command(argv if argv is not None else sys.argv[1:], args.json)
     meta = meta or {'command': command, 'git_hash': git_hash(),
                     'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'env': environment()}
     for name in args.models:

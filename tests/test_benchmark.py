@@ -94,3 +94,12 @@ def test_saved_table_goes_into_the_readme_between_its_markers(tmp_path, capsys):
     assert 'load average [1.0, 1.0, 1.0] before, [1.5, 1.1, 1.0] after' in text
     assert main(['test_resnet_cifar', '--readme', str(readme)]) == 2  # measuring and writing the README: refused
     assert 'pass --from-json FILE too' in capsys.readouterr().err
+
+
+def test_the_recorded_command_names_no_folder_of_this_machine(tmp_path, monkeypatch):
+    from compress.benchmark import portable_command
+    monkeypatch.chdir(tmp_path)
+    assert portable_command(['smt_t', '--json', str(tmp_path / 'out' / 'b.json')], str(tmp_path / 'out' / 'b.json')) \
+        == 'python -m compress.benchmark smt_t --json out/b.json'
+    assert portable_command(['smt_t', '--json=/elsewhere/b.json'], '/elsewhere/b.json') == \
+        'python -m compress.benchmark smt_t --json=b.json'
