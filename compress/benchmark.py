@@ -32,6 +32,7 @@ from tabulate import tabulate
 import compress.models  # noqa: F401  (registers the project's models with timm)
 from compress.deploy import deploy_form, has_deploy_form
 from compress.record import environment, git_hash
+from compress.stages.base import backend_failure
 from compress.stages.ptq_int8 import nncf_settings, quantize_openvino, quantize_x86_pt2e
 from eval.complexity import count_macs, count_params
 from eval.coverage import weight_coverage
@@ -49,6 +50,19 @@ REFERENCE = {
     'smt_s': (224, 20.5, 4.7, 22.55, 4.66),
     'smt_b': (224, 32.0, 7.7, 32.04, 7.69),
     'smt_l': (224, 80.5, 17.7, 80.62, 17.48),
+    # paper-only families (no official code: no notes' figures). S2AFormer Tables II / III; EMSNet, MAT and
+    # PartialFormer: the dissertation's Tables 3.x, 4.3 and 5.1
+    's2aformer_mini': (224, 5.02, 0.43, None, None), 's2aformer_t': (224, 5.80, 0.655, None, None),
+    's2aformer_xs': (224, 6.54, 0.786, None, None), 's2aformer_s': (224, 10.69, 1.38, None, None),
+    's2aformer_m': (224, 24.87, 4.12, None, None),
+    'emsnet_xxtiny': (224, 2.56, 0.54, None, None), 'emsnet_xtiny': (224, 3.0, 0.7, None, None),
+    'emsnet_tiny': (224, 5.4, 1.9, None, None),
+    'mat_1': (224, 6.714, 0.389, None, None), 'mat_2': (224, 10.767, 0.666, None, None),
+    'mat_3': (224, 17.008, 1.042, None, None), 'mat_4': (224, 29.057, 1.933, None, None),
+    'mat_5': (224, 50.108, 3.156, None, None),
+    'partialformer_b0': (224, 5.3, 0.4, None, None), 'partialformer_b1': (224, 8.2, 0.7, None, None),
+    'partialformer_b2': (224, 21.1, 1.9, None, None), 'partialformer_b3': (224, 36.1, 3.4, None, None),
+    'partialformer_b4': (224, 64.5, 6.8, None, None),
 }
 BASELINE, AA = 'fp32_deploy', 'fp32_deploy_aa'
 
@@ -69,7 +83,7 @@ def _prune(model, shape, prune_ratio: float, prune_by: str, round_to: int):
 def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size: int | None = None,
                     backends=('x86_pt2e', 'openvino'), rounds: int = 9, min_seconds: float = 0.3,
                     prune_ratio: float | None = None, prune_by: str = 'channels', round_to: int = 8,
-                    tolerance: float = 0.05, max_attempts: int = 3, measure: str = 'cpu') -> dict:
+                    tolerance: float = 0.05, max_attempts: int = 3, measure: str = 'cpu', timed: bool = True) -> dict:
     """Params, MACs, and the speed of every deployed form of one model; see the module docstring."""
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
@@ -84,6 +98,10 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
     row.update(params_m=round(count_params(model) / 1e6, 3), gmacs=round(count_macs(model, shape) / 1e9, 3))
     if name in REFERENCE and not prune_ratio:
         _, row['paper_params_m'], row['paper_gmacs'], row['notes_params_m'], row['notes_gmacs'] = REFERENCE[name]
+        for ours, paper in (('params_m', 'paper_params_m'), ('gmacs', 'paper_gmacs')):
+            row[f'{ours}_off_pct'] = round(100 * (row[ours] / row[paper] - 1), 1)
+    if not timed:
+        return row
     deploy = deploy_form(model)
     calib = [torch.randn(8, *shape) for _ in range(4)]
     forms = {'fp32_eager': TorchRunner(model, compiled=False, label='fp32 eager')}
@@ -94,18 +112,27 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
     forms['bf16'] = TorchRunner(deploy, compiled=True, label='bf16', dtype=torch.bfloat16)
     if dense is not None:
         forms['dense_fp32'] = TorchRunner(deploy_form(dense), compiled=True, label='dense fp32')
+    failed = {}  # a backend that cannot take the model leaves its forms out, with the reason (as a stage does)
     if 'x86_pt2e' in backends:
-        graph = quantize_x86_pt2e(deploy, calib)
-        forms['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
-        row['pt2e_int8_w8'] = weight_coverage(graph)['int8_weight_fraction']
+        try:
+            graph = quantize_x86_pt2e(deploy, calib)
+            forms['pt2e_int8'] = TorchRunner(graph, compiled=True, label='int8')
+            row['pt2e_int8_w8'] = weight_coverage(graph)['int8_weight_fraction']
+        except Exception as error:
+            failed['pt2e_int8'] = backend_failure(error)
     if 'openvino' in backends:
         settings = nncf_settings(deploy, shape)
-        ov_int8, ov_fp32 = quantize_openvino(deploy, calib, settings)
-        forms['ov_fp32'] = OpenVINORunner(ov_fp32, 'fp32', precision='f32', threads=threads)
-        forms['ov_int8'] = OpenVINORunner(ov_int8, 'int8', precision='f32', threads=threads)
-        row['ov_int8_w8'] = weight_coverage(ov_int8)['int8_weight_fraction']
         row['nncf_model_type'] = settings['model_type']
         row['nncf_ignored_scope'] = bool(settings['ignored_scope'])
+        try:
+            ov_int8, ov_fp32 = quantize_openvino(deploy, calib, settings)
+            forms['ov_fp32'] = OpenVINORunner(ov_fp32, 'fp32', precision='f32', threads=threads)
+            forms['ov_int8'] = OpenVINORunner(ov_int8, 'int8', precision='f32', threads=threads)
+            row['ov_int8_w8'] = weight_coverage(ov_int8)['int8_weight_fraction']
+        except Exception as error:
+            failed['ov_int8'] = backend_failure(error)
+    if failed:
+        row['failed'] = failed
     session = time_forms(forms, shape, batch_sizes, threads=threads, rounds=rounds, min_seconds=min_seconds,
                          control=(BASELINE, AA), tolerance=tolerance, max_attempts=max_attempts, measure=measure)
     for batch in batch_sizes:
@@ -136,18 +163,20 @@ def benchmark_model(name: str, batch_sizes=(1, 32), threads: int = 1, input_size
 def _cell(value) -> str:
     if isinstance(value, list) and len(value) == 3:
         return f'{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]'
+    if isinstance(value, dict):
+        return '; '.join(f'{key}: {reason}' for key, reason in value.items())
     return '' if value is None else str(value)
 
 
 def default_columns(batches) -> list[str]:
-    columns = ['model', 'input', 'pruned', 'pruned_by', 'macs_kept', 'params_m', 'paper_params_m', 'notes_params_m',
-               'gmacs', 'paper_gmacs', 'notes_gmacs']
+    columns = ['model', 'input', 'pruned', 'pruned_by', 'macs_kept', 'params_m', 'paper_params_m', 'params_m_off_pct',
+               'notes_params_m', 'gmacs', 'paper_gmacs', 'gmacs_off_pct', 'notes_gmacs']
     for batch in batches:
         columns += [f'fp32_eager_img_s_bs{batch}', f'{BASELINE}_img_s_bs{batch}', f'aa_bs{batch}',
                     f'fp32_compiled_x_fp32_bs{batch}', f'bf16_x_fp32_bs{batch}', f'prune_x_dense_bs{batch}',
                     f'prune_efficiency_bs{batch}', f'pt2e_int8_x_fp32_bs{batch}', f'pt2e_int8_x_bf16_bs{batch}',
                     f'ov_int8_x_fp32_bs{batch}', f'ov_int8_x_bf16_bs{batch}', f'ov_int8_x_ov_fp32_bs{batch}']
-    return columns + ['pt2e_int8_w8', 'ov_int8_w8', 'noisy']
+    return columns + ['pt2e_int8_w8', 'ov_int8_w8', 'noisy', 'failed']
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -193,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--round-to', type=int, default=8, help='pruned widths in multiples of this (0: any width)')
     parser.add_argument('--pruned-only', action='store_true',
                         help='with --prune: skip the dense row (pruned rows still time the dense fp32 model)')
+    parser.add_argument('--complexity-only', action='store_true',
+                        help='params and GMACs (next to the papers\' figures) without timing anything')
     parser.add_argument('--json', help='also write the rows, with git hash, date, environment and load, to this file')
     parser.add_argument('--from-json', help='print the table of rows saved by --json, measuring nothing')
     parser.add_argument('--columns', nargs='+', help='print only these columns (names as in the JSON rows)')
@@ -230,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in ([] if args.pruned_only and args.prune else [None]) + args.prune:
             row = benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.rounds,
                                   args.min_seconds, prune_ratio=ratio, prune_by=args.prune_by, round_to=args.round_to,
-                                  measure=args.measure)
+                                  measure=args.measure, timed=not args.complexity_only)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != 'timing'}), flush=True)
     table = format_table(rows, args.columns)

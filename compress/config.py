@@ -545,8 +545,8 @@ def _check_published_weights(name: str) -> None:
         raise RecipeError(f'model.name: unknown model {name!r}; see timm.list_models() or compress.models')
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is None or not (pretrained_cfg.url or pretrained_cfg.hf_hub_id or pretrained_cfg.file):
-        raise RecipeError(f'model.checkpoint: no public pretrained weights exist for {name}; train them (the '
-                          'checkpoints of the official code load as they are) and pass model.checkpoint=PATH')
+        raise RecipeError(f'model.checkpoint: no public pretrained weights exist for {name}; train them (where an '
+                          'official code exists, its checkpoints load as they are) and pass model.checkpoint=PATH')
 
 
 def _check_model_name(name: str, key: str) -> None:

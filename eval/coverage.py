@@ -28,6 +28,15 @@ _FLOAT_COMPUTE_OPS = ('conv1d', 'conv2d', 'linear', 'matmul', 'bmm', 'group_norm
                       'softmax', '_softmax', 'scaled_dot_product_attention', 'argmax', 'gather', 'mul', 'add',
                       'gelu', 'silu', 'sigmoid', 'mean')
 
+# ops that rank tokens or gather / scatter them by data-dependent indices (PartialFormer's foreground selection, an
+# argmax channel pick): no int8 kernel exists for them in either backend, so they are reported, never counted as
+# quantized. OpenVINO's names; its gathers and scatters count only with indices a TopK computed (others are static
+# rearrangements such as im2col, or shape arithmetic).
+_PT2E_SELECTION_OPS = ('topk', 'sort', 'argsort', 'argmax', 'argmin', 'gather', 'scatter', 'index_select',
+                       'take_along_dim')
+_OV_SELECTION_OPS = ('TopK', 'Gather', 'GatherElements', 'GatherND', 'ScatterElementsUpdate', 'ScatterUpdate',
+                     'ScatterNDUpdate')
+
 
 def _summary(layers: list[tuple[str, str, str, int]], **extra) -> dict:
     """layers: (name, op, precision in {'int8', 'int4', 'float'}, weight elements)."""
@@ -75,7 +84,17 @@ def _pt2e_coverage(graph_module: torch.fx.GraphModule) -> dict:
         count = tensor.numel() if isinstance(tensor, torch.Tensor) else int(source.meta['val'].numel()) \
             if 'val' in source.meta else 0
         layers.append((_module_path(node), op_name, 'int8' if is_quantized else 'float', count))
-    return _summary(layers, format='pt2e', float_ops=float_compute_ops(graph_module))
+    return _summary(layers, format='pt2e', float_ops=float_compute_ops(graph_module),
+                    selection_ops=_pt2e_selection_ops(graph_module))
+
+
+def _pt2e_selection_ops(graph_module: torch.fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        op_name = getattr(node.target, '__name__', str(node.target)).split('.')[0]
+        if node.op == 'call_function' and op_name in _PT2E_SELECTION_OPS:
+            counts[op_name] = counts.get(op_name, 0) + 1
+    return counts
 
 
 def float_compute_ops(graph_module: torch.fx.GraphModule) -> dict[str, int]:
@@ -102,6 +121,14 @@ def weight_constant(node, depth: int = 0):
     return weight_constant(node.input_value(0).get_node(), depth + 1)
 
 
+def _computed_by_topk(node, depth: int = 0) -> bool:
+    """Whether an index tensor comes from a ranking (TopK a few reshapes / broadcasts up), not from shape math."""
+    if node.get_type_name() == 'TopK':
+        return True
+    return depth < 6 and any(_computed_by_topk(node.input_value(i).get_node(), depth + 1)
+                             for i in range(node.get_input_size()))
+
+
 def _ov_layer_name(op) -> str:
     import re
     name = op.get_friendly_name()
@@ -122,6 +149,16 @@ def _openvino_coverage(ov_model, torch_layers: list[tuple[str, nn.Module]] | Non
         for dim in shape:
             count *= dim
         weighted.append((op, constant, shape, count))
+    selection: dict[str, int] = {}
+    for op in ov_model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in _OV_SELECTION_OPS or not op.get_output_element_type(0).is_real() and kind != 'TopK':
+            continue  # shape arithmetic gathers integers
+        if kind == 'TopK' and not op.input_value(0).get_element_type().is_real():
+            continue
+        if kind != 'TopK' and not _computed_by_topk(op.input_value(1).get_node()):
+            continue
+        selection[kind] = selection.get(kind, 0) + 1
     names = [_ov_layer_name(op) for op, *_ in weighted]
     named_from = 'openvino op names'
     # convert_model loses the names of convs it fused a BatchNorm into: name them after the torch modules when
@@ -138,7 +175,7 @@ def _openvino_coverage(ov_model, torch_layers: list[tuple[str, nn.Module]] | Non
             group_sizes[name] = shape[-1] if len(shape) == 3 and op.get_type_name() == 'MatMul' else -1
         layers.append((name, op.get_type_name(), precision, count))
     return _summary(layers, format='openvino', int4_storage='packed' if group_sizes else None,
-                    int4_group_sizes=group_sizes, layer_names_from=named_from)
+                    int4_group_sizes=group_sizes, layer_names_from=named_from, selection_ops=selection)
 
 
 # ------------------------------------------------------------------------------------------- torch module

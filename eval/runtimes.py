@@ -158,6 +158,18 @@ def to_openvino(module: nn.Module, example: torch.Tensor):
     return with_dynamic_batch(ov_model, tuple(example.shape[1:]))
 
 
+def check_compiles(ov_model, what: str) -> None:
+    """Compile ``ov_model`` for the CPU once, so that a model OpenVINO converts (and NNCF rewrites) but its CPU plugin
+    rejects fails where it is made, with a reason, not later in the evaluator."""
+    import openvino as ov
+    try:
+        ov.Core().compile_model(ov_model, 'CPU')
+    except RuntimeError as error:
+        # OpenVINO prefixes its message with one "Exception from src/...cpp:N:" line per layer it passed through
+        lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith('Exception from')]
+        raise RuntimeError(f'the OpenVINO CPU plugin cannot compile the {what}: {" ".join(lines)[:400]}') from None
+
+
 def with_dynamic_batch(ov_model, image_shape: tuple[int, ...] | None = None):
     """The model with a dynamic batch and a static image shape (``image_shape``, or the shape its first input
     already has: converted from a traced module the spatial sizes come out dynamic, which costs speed). In place;

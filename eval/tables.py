@@ -183,6 +183,11 @@ def footer(record: dict) -> list[str]:
             names = ', '.join(layer['layer'] for layer in floats[:3]) + (', ...' if len(floats) > 3 else '')
             lines.append(f'{stage["name"]}: {len(floats)} of {sum(coverage["layer_counts"].values())} weighted '
                          f'layers stay float ({coverage["float_weight_fraction"]:.1%} of the weights): {names}')
+        selection = coverage.get('selection_ops') or {}
+        if selection and coverage.get('quantized_weight_fraction', 0) > 0:
+            ops = ', '.join(f'{op} x{count}' for op, count in sorted(selection.items()))
+            lines.append(f'{stage["name"]}: ranking / gathering by computed indices has no quantized form and runs '
+                         f'as it is: {ops}')
     return lines
 
 

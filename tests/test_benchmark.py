@@ -103,3 +103,25 @@ def test_the_recorded_command_names_no_folder_of_this_machine(tmp_path, monkeypa
         == 'python -m compress.benchmark smt_t --json out/b.json'
     assert portable_command(['smt_t', '--json=/elsewhere/b.json'], '/elsewhere/b.json') == \
         'python -m compress.benchmark smt_t --json=b.json'
+
+
+def test_complexity_only_rows_stand_next_to_the_papers_figures(capsys):
+    assert main(['mat_1', 'emsnet_xxtiny', '--complexity-only']) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    assert [row['model'] for row in rows] == ['mat_1', 'emsnet_xxtiny']
+    assert rows[0]['params_m'] == 6.655 and rows[0]['paper_params_m'] == 6.714 and rows[0]['params_m_off_pct'] == -0.9
+    assert rows[1]['gmacs'] == 0.532 and rows[1]['gmacs_off_pct'] == -1.5
+    assert not any(key.endswith(('_bs1', '_bs32')) for row in rows for key in row)
+
+
+@pytest.mark.slow
+def test_a_backend_that_cannot_take_the_model_leaves_a_reason_not_a_crash(monkeypatch):
+    import compress.benchmark
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError('the OpenVINO CPU plugin cannot compile the int8 model: [SomeTransformation] failed')
+    monkeypatch.setattr(compress.benchmark, 'quantize_openvino', refuse)
+    row = benchmark_model('test_resnet_cifar', batch_sizes=(4,), input_size=32, **FAST)
+    assert row['failed'] == {'ov_int8': 'RuntimeError: the OpenVINO CPU plugin cannot compile the int8 model: '
+                                        '[SomeTransformation] failed'}
+    assert 'ov_int8_x_fp32_bs4' not in row and is_interval(row['pt2e_int8_x_fp32_bs4'])

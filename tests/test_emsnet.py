@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import compress.models.emsnet  # noqa: F401  (registers the entrypoints)
 from compress.models.emsnet import (
-    ConvAttention, EMSBlock, EMSNet, PatchMixer, StaticOperator, checkpoint_filter_fn,
+    ConvAttention, EMSBlock, EMSNet, PatchMixer, StaticOperator,
 )
 from eval.complexity import count_macs, count_params
 
@@ -187,31 +187,6 @@ def test_non_dividing_input_sizes(size):
     assert [tuple(t.shape[-2:]) for t in inter] == expected
 
 
-def test_features_only():
-    model = timm.create_model('test_emsnet', features_only=True).eval()
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, 64, 64))
-    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [16, 32, 48, 64]
-    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
-
-
-def test_forward_intermediates():
-    model = timm.create_model('test_emsnet').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        assert torch.allclose(final, model.forward_features(x))
-        assert torch.allclose(model.norm(inter[-1]), final)
-        assert torch.allclose(model.forward_intermediates(x, norm=True, intermediates_only=True)[-1], final)
-        assert [t.shape[1] for t in inter] == [info['num_chs'] for info in model.feature_info]
-        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
-        assert all(torch.allclose(a, b) for a, b in zip(early, inter[:2]))
-        assert model.prune_intermediate_layers(indices=(1,)) == [1]
-        assert len(model.stages) == 2 and model.num_features == 32
-        assert torch.allclose(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
-        assert model.forward_features(x).shape == (1, 32, 8, 8)
-
-
 def test_classifier():
     model = timm.create_model('test_emsnet', num_classes=7)
     assert model.get_classifier().out_features == 7
@@ -225,17 +200,6 @@ def test_classifier():
     assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_checkpoint_filter_fn_roundtrip():
-    torch.manual_seed(0)
-    source = timm.create_model('test_emsnet').eval()
-    wrapped = {'model': {'module.' + k: v for k, v in source.state_dict().items()}}
-    target = timm.create_model('test_emsnet').eval()
-    target.load_state_dict(checkpoint_filter_fn(wrapped, target))
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
-
-
 def test_blocks_are_ems_blocks():
     model = timm.create_model('test_emsnet')
     assert isinstance(model, EMSNet)
@@ -243,16 +207,6 @@ def test_blocks_are_ems_blocks():
 
 
 # --- export / compile ----------------------------------------------------------------------------------------------
-
-def test_export_dynamic_batch():
-    model = timm.create_model('test_emsnet').eval()
-    batch = torch.export.Dim('batch', min=1, max=64)
-    exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
-    with torch.no_grad():
-        for n in (1, 3, 5):
-            x = torch.randn(n, 3, 64, 64)
-            torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
-
 
 @pytest.mark.slow
 def test_compile_matches_eager():
@@ -267,3 +221,217 @@ def test_compile_matches_eager():
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# --- structured pruning through compress.stages.prune (Torch-Pruning + compress.stages.families.emsnet) -------------
+
+def _prune(model, ratio, res=64, **cfg):
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, res, res, dtype=next(model.parameters()).dtype)
+    return prune_model(model, PruneStage(ratio=ratio, **cfg), ratio, example)
+
+
+def _check_widths(model, x):
+    """feature_info, num_features and the classifier agree with what the pruned model really produces."""
+    import copy
+
+    from timm.models._features import FeatureListNet
+    with torch.no_grad():
+        inter = model.forward_intermediates(x, intermediates_only=True)
+        features = FeatureListNet(copy.deepcopy(model), out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        feats = features(x)
+    widths = [t.shape[1] for t in inter]
+    assert widths == [i['num_chs'] for i in model.feature_info] == [f.shape[1] for f in feats]
+    assert features.feature_info.channels() == widths
+    assert model.num_features == widths[-1] == model.norm.num_features == model.head.in_features
+    return widths
+
+
+@pytest.mark.parametrize('heads', ['dims', 'heads'])
+@pytest.mark.parametrize('ratio, macs_kept', [(0.3, 0.375), (0.5, 0.321)])
+def test_prune_test_variant(ratio, macs_kept, heads):
+    torch.manual_seed(0)
+    model = timm.create_model('test_emsnet').eval()
+    params, macs = count_params(model), count_macs(model, (3, 224, 224))
+    pruned, spec = _prune(model, ratio, heads=heads)
+    assert count_params(model) == params  # the stage prunes a copy
+    assert all(isinstance(m.pass_through, nn.Identity) for m in pruned.modules() if isinstance(m, StaticOperator))
+    assert count_macs(pruned, (3, 224, 224)) / macs == pytest.approx(macs_kept, abs=0.01)
+    assert count_params(pruned) < 0.55 * params
+    x = torch.randn(2, 3, 64, 64)
+    assert _check_widths(pruned, x) < [16, 32, 48, 64]
+    for attn in pruned.modules():
+        if isinstance(attn, compress.models.emsnet.GlobalAttention):
+            assert attn.qkv.out_features % (3 * attn.num_heads) == 0 and attn.num_heads >= 1
+    with torch.no_grad():
+        out = pruned(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        exported = torch.export.export(pruned, (x,))
+        torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)
+    pruned.train()
+    pruned(x).sum().backward()
+    assert any('G-MHSA' in note for note in spec.notes)
+
+
+def _kill(idx, rows=(), norms=(), cols=()):
+    """Make channels `idx` dead: zero the producers' rows and biases and the norms' affine terms (the channel is 0
+    everywhere), and the consumers' columns (`(layer, offset)`), so that every layer of the group ranks them last."""
+    for layer in rows:
+        layer.weight[idx] = 0
+        if layer.bias is not None:
+            layer.bias[idx] = 0
+    for norm in norms:
+        norm.weight[idx] = 0
+        norm.bias[idx] = 0
+    for layer, offset in cols:
+        layer.weight[:, idx + offset] = 0
+
+
+def _kill_channels(model, ratio):
+    """Kill, in every prunable width of EMSNet, as many channels as the pruner removes at `ratio` (round_to None).
+
+    Torch-Pruning removes size - int(size * (1 - ratio)) channels of a width; the sliced widths (residual streams,
+    static DWConv) keep int(width * (1 - ratio)) shared out over their slices (`_shares`), each slice losing its
+    dead channels. Returns the widths the pruned model must have.
+    """
+    from compress.stages.families.emsnet import _shares
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(size):
+        return torch.randperm(size, generator=gen)[:size - int(size * (1 - ratio))]
+
+    def pick_split(parts):
+        idx, start = [], 0
+        for part, share in zip(parts, _shares(int(sum(parts) * (1 - ratio)), parts)):
+            idx.append(torch.randperm(part, generator=gen)[:part - share] + start)
+            start += part
+        return torch.cat(idx)
+
+    expected = {}
+    stem = model.stem
+    idx = pick(stem.conv1.out_channels)
+    _kill(idx, rows=[stem.conv1], norms=[stem.norm1], cols=[(stem.conv2, 0)])
+    expected['stem.conv1'] = stem.conv1.out_channels - len(idx)
+    for i, stage in enumerate(model.stages):
+        blocks = list(stage.blocks)
+        mixer = blocks[0].mixer
+        parts = (mixer.static_chs, mixer.dynamic.local_mixer.embed.in_channels,
+                 mixer.dynamic.global_mixer.embed.in_channels)
+        cs = parts[0]
+        idx = pick_split(parts)  # the residual stream of the stage
+        static, local, glob = idx[idx < cs], idx[(idx >= cs) & (idx < cs + parts[1])], idx[idx >= cs + parts[1]]
+        producer, norm = (stem.conv2, stem.norm2) if i == 0 else (stage.downsample.conv, stage.downsample.norm)
+        _kill(idx, rows=[producer], norms=[norm])
+        for blk in blocks:
+            mix, dyn = blk.mixer, blk.mixer.dynamic
+            _kill(idx, rows=[mix.proj, blk.mlp.fc2], norms=[blk.norm1, blk.norm2], cols=[(blk.mlp.fc1, 0)])
+            _kill(static, cols=[(mix.static.whiten, 0), (mix.static.gate_proj, 0)])
+            _kill(local, cols=[(dyn.local_mixer.embed, -cs)])
+            _kill(glob, cols=[(dyn.global_mixer.embed, -cs - parts[1])])
+        if i + 1 < len(model.stages):
+            _kill(idx, cols=[(model.stages[i + 1].downsample.conv, 0)])
+        else:
+            _kill(idx, norms=[model.norm], cols=[(model.head, 0)])
+        expected[f'stages.{i}'] = sum(parts) - len(idx)
+        for j, blk in enumerate(blocks):
+            name = f'stages.{i}.blocks.{j}'
+            mlp, op, dyn = blk.mlp, blk.mixer.static, blk.mixer.dynamic
+            idx = pick(mlp.fc1.out_channels)
+            _kill(idx, rows=[mlp.fc1], cols=[(mlp.fc2, 0)])
+            expected[f'{name}.mlp'] = mlp.fc1.out_channels - len(idx)
+            # static operator: the DWConv width (sliced 1 : 2 : 1), the two patch mixers, the gated output
+            fine, coarse = op.mixer_fine, op.mixer_coarse
+            c1, c3 = fine.embed.in_channels, coarse.embed.in_channels
+            cm, e = op.whiten.out_channels - c1 - c3, fine.embed.out_channels
+            idx = pick_split((c1, cm, c3))
+            _kill(idx, rows=[op.whiten, op.dwconv])
+            _kill(idx[idx < c1], cols=[(fine.embed, 0)])
+            _kill(idx[(idx >= c1) & (idx < c1 + cm)], cols=[(op.merge, e - c1)])
+            _kill(idx[idx >= c1 + cm], cols=[(coarse.embed, -c1 - cm)])
+            expected[f'{name}.static.dwconv'] = op.whiten.out_channels - len(idx)
+            for mixer, offset in ((fine, 0), (coarse, e + cm)):
+                idx = pick(e)
+                _kill(idx, rows=[mixer.embed, mixer.mixer.conv_h, mixer.mixer.conv_v, mixer.prop],
+                      cols=[(op.merge, offset)])
+            idx = pick(op.merge.out_channels)
+            _kill(idx, rows=[op.merge, op.gate_proj], cols=[(blk.mixer.proj, 0)])
+            # dynamic operator: C-MHSA input and value widths, G-MHSA input, head dims and output, the fusion
+            local, glob = dyn.local_mixer, dyn.global_mixer
+            idx = pick(local.embed.out_channels)
+            _kill(idx, rows=[local.embed, local.mixer.shrink], cols=[(local.mixer.attn, 0), (local.mixer.v, 0)])
+            idx = pick(local.mixer.v.out_channels)
+            _kill(idx, rows=[local.mixer.v, local.prop], cols=[(dyn.merge, 0)])
+            expected[f'{name}.conv_attention.v'] = local.mixer.v.out_channels - len(idx)
+            idx = pick(glob.embed.out_channels)
+            _kill(idx, rows=[glob.embed], cols=[(glob.mixer.qkv, 0)])
+            attn = glob.mixer
+            width = attn.proj.in_features
+            head_dim = width // attn.num_heads
+            dims = pick(head_dim)
+            idx = torch.cat([dims + h * head_dim for h in range(attn.num_heads)])  # the same dims in every head
+            _kill(torch.cat([idx, idx + width, idx + 2 * width]), rows=[attn.qkv])
+            _kill(idx, cols=[(attn.proj, 0)])
+            expected[f'{name}.global.qkv'] = 3 * (width - len(idx))
+            idx = pick(attn.proj.out_features)
+            _kill(idx, rows=[attn.proj, glob.prop], cols=[(dyn.merge, local.prop.out_channels)])
+            idx = pick(dyn.merge.out_channels)
+            _kill(idx, rows=[dyn.merge], cols=[(blk.mixer.proj, cs)])
+    return expected
+
+
+def test_prune_dead_channels_keeps_the_function():
+    # every prunable width gets exactly as many dead channels as the pruner removes: group_norm ranks them last,
+    # so if the rules keep every group aligned (slices, concats, heads, value widths) the function is unchanged
+    torch.manual_seed(0)
+    model = timm.create_model('test_emsnet').double().eval()
+    with torch.no_grad():
+        # signal-preserving weights (the default init leaves the pooled attention inputs nearly constant, which would
+        # hide a wrong attention scale or head split), non-trivial norm statistics and biases
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.2, 0.2)
+        expected = _kill_channels(model, 0.5)
+        x = torch.randn(2, 3, 72, 72, dtype=torch.float64)  # non-dividing sizes: crops and ceil-mode pools too
+        reference = model(x)
+    pruned, _ = _prune(model, 0.5, res=72, round_to=None)
+    blk = pruned.stages[2].blocks[1]
+    widths = {
+        'stem.conv1': pruned.stem.conv1.out_channels,
+        **{f'stages.{i}': info['num_chs'] for i, info in enumerate(pruned.feature_info)},
+        'stages.2.blocks.1.mlp': blk.mlp.fc1.out_channels,
+        'stages.2.blocks.1.static.dwconv': blk.mixer.static.dwconv.out_channels,
+        'stages.2.blocks.1.conv_attention.v': blk.mixer.dynamic.local_mixer.mixer.v.out_channels,
+        'stages.2.blocks.1.global.qkv': blk.mixer.dynamic.global_mixer.mixer.qkv.out_features,
+    }
+    assert widths == {k: expected[k] for k in widths}
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_prune_smallest_variant_to_macs_target():
+    from compress.config import PruneStage
+    from compress.stages.prune import search_ratio
+    torch.manual_seed(0)
+    model = timm.create_model('emsnet_xxtiny').eval()
+    macs = count_macs(model, (3, 224, 224))
+    x = torch.randn(2, 3, 224, 224)
+    pruned, ratio, _ = search_ratio(model, PruneStage(target_macs=0.5), x, None, (3, 224, 224), macs)
+    # with round_to 8 the 32-wide stage-0 stream keeps 24 or 16 channels: MACs step from 0.56 (ratio 0.25) to 0.44
+    # (ratio 0.26), and the search keeps the closer one
+    assert count_macs(pruned, (3, 224, 224)) / macs == pytest.approx(0.56, abs=0.01)
+    assert _check_widths(pruned, x[:1]) == [24, 48, 96, 144]
+    with torch.no_grad():
+        out = pruned(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        exported = torch.export.export(pruned, (x,))
+        torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)

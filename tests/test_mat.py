@@ -8,6 +8,7 @@ MACs: the dissertation's "GFLOPs" are multiply-accumulates counted like fvcore -
 + norms and pooling - i.e. `count_macs(model, input_size, include_norms=True)` here; that is the quantity compared
 with the tables. The plain `count_macs` (conv + linear + attention matmuls) is pinned as well.
 """
+import copy
 import math
 import types
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compress.models.mat  # noqa: F401  (registers the entrypoints)
+import timm.models._features
 from compress.models.mat import MAT, BilinearPatchEmbed, MATAttention, checkpoint_filter_fn
 from eval.complexity import count_macs, count_params
 
@@ -400,41 +402,9 @@ def test_classifier_and_optimizer_groups():
     assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_features_only():
-    model = timm.create_model('test_mat', features_only=True).eval()
-    feats = model(torch.randn(1, 3, 64, 64))
-    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [8, 16, 32, 64]
-    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
-    full = timm.create_model('mat_1', features_only=True, out_indices=(2, 3), device='meta')
-    assert full.feature_info.channels() == [96, 192]
-
-
-def test_forward_intermediates():
-    model = timm.create_model('test_mat').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        assert torch.allclose(final, model.forward_features(x))
-        assert torch.allclose(model.norm(inter[-1]), final)  # intermediates are taken before the final norm
-        assert torch.allclose(model.forward_intermediates(x, norm=True, intermediates_only=True)[-1], final)
-        assert [t.shape[1] for t in inter] == [info['num_chs'] for info in model.feature_info]
-        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
-        assert all(torch.allclose(a, b) for a, b in zip(early, inter[:2]))
-        assert model.prune_intermediate_layers(indices=(1,)) == [1]
-        assert len(model.stages) == 2 and model.num_features == 16
-        assert torch.allclose(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
-        # head, pre-logits, pooling and final norm gone: the stage-2 map comes out as is
-        assert torch.allclose(model(x), inter[1])
-
-
-def test_export_dynamic_batch():
-    model = timm.create_model('test_mat').eval()
-    batch = torch.export.Dim('batch', min=1, max=64)
-    exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
-    for n in (1, 3):
-        x = torch.randn(n, 3, 64, 64)
-        with torch.no_grad():
-            torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+def test_bilinear_pe_exports_as_one_op():
+    # export with a dynamic batch: tests/test_backbone_anatomy.py
+    exported = torch.export.export(timm.create_model('test_mat').eval(), (torch.randn(2, 3, 64, 64),))
     ops = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
     assert any('grid_sampler' in op for op in ops)  # the Bilinear PE survives as one op, no custom kernel
 
@@ -483,3 +453,191 @@ def test_checkpoint_roundtrip_through_timm(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x))
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+# --- structured pruning through compress.stages.prune (Torch-Pruning + compress.stages.families.mat) ---------------
+
+def _prune(model, ratio, res=64, **cfg):
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    example = torch.randn(2, 3, res, res, dtype=next(model.parameters()).dtype)
+    return prune_model(model, PruneStage(ratio=ratio, **cfg), ratio, example)
+
+
+def _check_pruned(pruned, x):
+    """Widths the forward relies on agree; feature_info / num_features match the real outputs; it trains, exports."""
+    for attn in pruned.modules():
+        if isinstance(attn, MATAttention):
+            width = attn.proj.in_features
+            assert attn.qkv.out_features == 3 * width and width % attn.num_heads == 0
+            assert attn.fuse_kv.out_features == 2 * width and attn.mix_qkv.in_features == width
+            assert attn.mix_qkv.out_features % (3 * attn.num_heads) == 0
+            assert attn.mix_proj.out_features == attn.fuse_kv.in_features
+            assert attn.relative_position_bias_table.shape[1] == attn.num_heads
+            assert attn.abstract_token.shape[-1] == attn.qkv.in_features
+        elif isinstance(attn, BilinearPatchEmbed):
+            assert attn.offset_head.out_channels == 2
+            assert attn.offset_dw.out_channels == attn.offset_head.in_channels == attn.proj.in_channels
+    assert pruned.head.out_features == 1000 and pruned.head.in_features == pruned.head_hidden_size
+    with torch.no_grad():
+        out = pruned(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        feats = pruned.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in pruned.feature_info]
+        assert pruned.forward_features(x).shape[1] == pruned.num_features == feats[-1].shape[1]
+        features = timm.models._features.FeatureListNet(pruned, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        assert [f.shape[1] for f in features(x)] == features.feature_info.channels()
+        torch.testing.assert_close(torch.export.export(pruned, (x,)).module()(x), out, rtol=1e-4, atol=1e-5)
+    trained = copy.deepcopy(pruned).train()
+    trained(x).sum().backward()
+    assert all(p.grad is not None for p in trained.parameters())
+
+
+# measured macs_kept at 224 (count_macs), seed 0; round_to=8 over-prunes the 8..64-wide test model
+@pytest.mark.parametrize('ratio, round_to, macs_kept', [
+    (0.3, 8, 0.457), (0.3, None, 0.492), (0.5, 8, 0.394), (0.5, None, 0.300),
+])
+def test_prune_test_mat(ratio, round_to, macs_kept):
+    torch.manual_seed(0)
+    model = timm.create_model('test_mat').eval()
+    params, macs = count_params(model), count_macs(model, RES)
+    pruned, spec = _prune(model, ratio, round_to=round_to)
+    assert count_params(pruned) < params
+    assert count_macs(pruned, RES) / macs == pytest.approx(macs_kept, abs=0.01)
+    assert any(note.startswith('Bilinear PE') for note in spec.notes)
+    old, new = model.stages[3].blocks[0].attn, pruned.stages[3].blocks[0].attn
+    assert new.num_heads == old.num_heads and new.qkv.out_features < old.qkv.out_features  # head dims, not heads
+    assert new.mix_proj.out_features < old.mix_proj.out_features  # the mixing width (pruned after tp's pass)
+    assert pruned.stages[2].downsample.proj.in_channels < model.stages[2].downsample.proj.in_channels
+    _check_pruned(pruned, torch.randn(2, 3, 64, 64))
+
+
+def test_prune_whole_heads_is_refused():
+    with pytest.raises(ValueError, match="whole attention heads cannot be pruned"):
+        _prune(timm.create_model('test_mat').eval(), 0.5, heads='heads')
+
+
+def test_bilinear_pe_pruner_slices_inputs_and_outputs():
+    # the PE is one customized layer: input channels go from the offset conv, offset-head and proj inputs together
+    from compress.stages.families.mat import pruning_spec
+    pruner = pruning_spec(timm.create_model('test_mat')).customized_pruners[BilinearPatchEmbed]
+    pe = _randomize(BilinearPatchEmbed(8, 16)).double().eval()
+    dead, keep = [1, 4, 6], [0, 2, 3, 5, 7]
+    x = torch.randn(2, 8, 12, 12, dtype=torch.float64)
+    x[:, dead] = 0
+    with torch.no_grad():
+        pe.offset_dw.bias[dead] = 0  # dead inputs then move no offset
+        expected = pe(x)
+        pruner.prune_in_channels(pe, dead)
+        assert pruner.get_in_channels(pe) == pe.offset_dw.groups == 5 and pe.offset_head.out_channels == 2
+        torch.testing.assert_close(pe(x[:, keep]), expected)
+        pruner.prune_out_channels(pe, [0, 9])
+        assert pruner.get_out_channels(pe) == pe.norm.num_features == 14
+        torch.testing.assert_close(pe(x[:, keep]), expected[:, [c for c in range(16) if c not in (0, 9)]])
+
+def _zero_pruned_channels(model, ratio):
+    """Zero a random set of channels in every group the pruner cuts inside the blocks, as many as it removes at
+    `ratio` (round_to=None), so that group_norm importance picks exactly them and they carry nothing to the output.
+
+    q is zeroed whole (uniform attention: 1 / sqrt(head_dim) is then moot, and the relative position bias, added
+    after the scale, still shapes the window attention); k, v, fuse_kv, proj and mix_qkv inputs lose the same dims
+    of every head. Returns the widths the pruned model must have.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(size, count):
+        return torch.randperm(size, generator=gen)[:count]
+
+    def count(size):  # Torch-Pruning's count at round_to=None
+        return size - int(size * (1 - ratio))
+
+    def heads_dims(width, num_heads):  # the same positions in every head
+        head_dim = width // num_heads
+        return (torch.arange(num_heads)[:, None] * head_dim + pick(head_dim, count(head_dim))).flatten()
+
+    expected = {}
+    with torch.no_grad():
+        stem = model.stem
+        idx = pick(stem.conv1.out_channels, count(stem.conv1.out_channels))
+        for t in (stem.conv1.weight, stem.bn1.weight, stem.bn1.bias, stem.conv2.weight, stem.bn2.weight,
+                  stem.bn2.bias):
+            t[idx] = 0
+        stem.conv3.weight[:, idx] = 0
+        expected['stem.conv1'] = stem.conv1.out_channels - len(idx)
+        head = model.pre_logits
+        idx = pick(head.conv.out_channels, count(head.conv.out_channels))
+        for t in (head.conv.weight, head.norm.weight, head.norm.bias):
+            t[idx] = 0
+        model.head.weight[:, idx] = 0
+        expected['pre_logits.conv'] = head.conv.out_channels - len(idx)
+        for name, blk in model.named_modules():
+            if not isinstance(blk, compress.models.mat.Block):
+                continue
+            idx = pick(blk.mlp.fc1.out_features, count(blk.mlp.fc1.out_features))
+            for t in (blk.mlp.fc1.weight, blk.mlp.fc1.bias):
+                t[idx] = 0
+            blk.mlp.fc2.weight[:, idx] = 0
+            expected[f'{name}.mlp.fc1'] = blk.mlp.fc1.out_features - len(idx)
+            attn = blk.attn
+            if attn is None:
+                continue
+            width, h = attn.proj.in_features, attn.num_heads
+            chans = heads_dims(width, h)
+            for t in (attn.qkv.weight, attn.qkv.bias):
+                t[:width] = 0
+                t[width + chans] = 0
+                t[2 * width + chans] = 0
+            for t in (attn.fuse_kv.weight, attn.fuse_kv.bias):
+                t[chans] = 0
+                t[width + chans] = 0
+            attn.proj.weight[:, chans] = 0
+            attn.mix_qkv.weight[:, chans] = 0
+            expected[f'{name}.attn.qkv'] = 3 * (width - len(chans))
+            chans = heads_dims(width, h)  # the mixing attention's own heads
+            for t in (attn.mix_qkv.weight, attn.mix_qkv.bias):
+                t[:width] = 0
+                t[width + chans] = 0
+                t[2 * width + chans] = 0
+            attn.mix_proj.weight[:, chans] = 0
+            expected[f'{name}.attn.mix_qkv'] = 3 * (width - len(chans))
+            idx = pick(attn.mix_proj.out_features, count(attn.mix_proj.out_features))
+            for t in (attn.mix_proj.weight, attn.mix_proj.bias):
+                t[idx] = 0
+            attn.fuse_kv.weight[:, idx] = 0
+            expected[f'{name}.attn.mix_proj'] = attn.mix_proj.out_features - len(idx)
+    return expected
+
+
+def _stream_writers(model):
+    # layers writing the residual stream: a stream channel also feeds LayerNorm statistics, so removing it (even
+    # zeroed) changes the function; the function test keeps the stream and prunes everything inside the blocks
+    return ['stem.conv3'] + [name for name, _ in model.named_modules() if name.endswith(('attn.proj', 'mlp.fc2'))]
+
+
+@pytest.mark.parametrize('ratio', [0.3, 0.5])
+def test_prune_removes_exactly_the_zeroed_channels(ratio):
+    model = _randomize(timm.create_model('test_mat')).double().eval()
+    expected = _zero_pruned_channels(model, ratio)
+    pruned, _ = _prune(model, ratio, round_to=None, ignore=_stream_writers(model))
+    modules = dict(pruned.named_modules())
+    assert {name: getattr(modules[name], 'out_features', None) or modules[name].out_channels
+            for name in expected} == expected
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected_out = model(x)
+        assert expected_out.std() > 1e-3
+        torch.testing.assert_close(pruned(x), expected_out, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_prune_mat_1_to_half_the_macs():
+    from compress.config import PruneStage
+    from compress.stages.prune import search_ratio
+    torch.manual_seed(0)
+    model = timm.create_model('mat_1').eval()
+    x = torch.randn(2, 3, 224, 224)
+    macs = count_macs(model, RES)
+    pruned, ratio, _ = search_ratio(model, PruneStage(target_macs=0.5), x, None, RES, macs)
+    assert count_macs(pruned, RES) / macs == pytest.approx(0.53, abs=0.02)  # round_to=8 steps: the search's best
+    assert count_params(pruned) / count_params(model) == pytest.approx(0.63, abs=0.03)
+    _check_pruned(pruned, x)

@@ -9,6 +9,7 @@ counting costs shapes only.
 There is no official code, so the published numbers bound the reconstruction (within 5 %) and the exact counts of
 the chosen reading are pinned separately, to catch unintended changes.
 """
+import copy
 import math
 
 import pytest
@@ -18,7 +19,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress.models.partialformer  # noqa: F401  (registers the entrypoints)
-from compress.models.partialformer import PartialAttention, PartialBlock, checkpoint_filter_fn
+import timm.models._features
+from compress.models.partialformer import PartialAttention, PartialBlock
 from eval.complexity import count_macs, count_params
 
 VARIANTS = ['partialformer_b0', 'partialformer_b1', 'partialformer_b2', 'partialformer_b3', 'partialformer_b4']
@@ -230,46 +232,11 @@ def test_classifier():
     assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_features_only():
-    model = timm.create_model('test_partialformer', features_only=True).eval()
-    feats = model(torch.randn(1, 3, 64, 64))
-    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [16, 32, 64, 128]
-    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
-    picked = timm.create_model('test_partialformer', features_only=True, out_indices=(1, 3)).eval()
-    assert picked.feature_info.channels() == [32, 128]
-
-
-def test_forward_intermediates():
-    torch.manual_seed(0)
-    model = timm.create_model('test_partialformer').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
-        assert [t.shape[1] for t in inter] == [info['num_chs'] for info in model.feature_info]
-        torch.testing.assert_close(model.norm(inter[-1]), final)
-        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
-        torch.testing.assert_close(normed[-1], final)
-        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(early, inter[:2]))
-        assert model.prune_intermediate_layers(indices=(1,)) == [1]
-        assert len(model.stages) == 2 and model.num_features == 32
-        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
-        assert model(x).shape == (1, 32, 8, 8)  # head pruned, pooling off
-
-
-def test_export_dynamic_batch():
-    torch.manual_seed(0)
-    model = timm.create_model('test_partialformer').eval()
-    batch = torch.export.Dim('batch', min=1, max=64)
-    exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+def test_export_keeps_the_ranking_ops():
+    # export with a dynamic batch: tests/test_backbone_anatomy.py
+    exported = torch.export.export(timm.create_model('test_partialformer').eval(), (torch.randn(2, 3, 64, 64),))
     ops = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
     assert {'aten.topk.default', 'aten.gather.default', 'aten.scatter.src'} <= ops
-    runner = exported.module()
-    with torch.no_grad():
-        for size in (1, 5):
-            x = torch.randn(size, 3, 64, 64)
-            torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -287,17 +254,6 @@ def test_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoint_filter_fn_loads_wrapped_state_dict():
-    torch.manual_seed(0)
-    source = timm.create_model('test_partialformer').eval()
-    target = timm.create_model('test_partialformer').eval()
-    wrapped = {'model': {'module.' + k: v for k, v in source.state_dict().items()}}
-    target.load_state_dict(checkpoint_filter_fn(wrapped, target))
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
-
-
 def test_stem_and_downsample_strides():
     model = timm.create_model('partialformer_b1', device='meta')
     assert [model.stem.conv1.stride, model.stem.conv2.stride] == [(2, 2), (2, 2)]
@@ -307,3 +263,163 @@ def test_stem_and_downsample_strides():
     assert model.pre_logits.fc.out_features == 1280 and model.head.in_features == 1280
     assert math.prod(model.stages[3].blocks[0].attn.abstract_token.shape) == 256
     assert isinstance(model.stages[0].blocks[0].mlp.act, nn.GELU)  # text: "two FC layers and GELU"
+
+
+# --- structured pruning through compress.stages.prune (Torch-Pruning + compress.stages.families.partialformer) -----
+
+RES = (3, 224, 224)
+
+
+def _prune(model, ratio, res=64, **cfg):
+    from compress.config import PruneStage
+    from compress.stages.prune import prune_model
+    example = torch.randn(2, 3, res, res, dtype=next(model.parameters()).dtype)
+    return prune_model(model, PruneStage(ratio=ratio, **cfg), ratio, example)
+
+
+def _check_pruned(pruned, x):
+    """Widths the forward relies on agree; feature_info / num_features match the real outputs; it trains, exports."""
+    for attn in pruned.modules():
+        if isinstance(attn, PartialAttention):
+            width = attn.proj.in_features
+            assert attn.qkv.out_features == 3 * width and width % attn.num_heads == 0
+            assert attn.channel_mlp.fc1.in_features == width and attn.abstract_token.shape[-1] == attn.qkv.in_features
+            assert attn.head_mlp.expand.in_features == attn.head_mlp.reduce.out_features == attn.num_heads
+    assert pruned.head.out_features == 1000 and pruned.head.in_features == pruned.head_hidden_size
+    with torch.no_grad():
+        out = pruned(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        feats = pruned.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in pruned.feature_info]
+        assert pruned.forward_features(x).shape[1] == pruned.num_features == feats[-1].shape[1]
+        features = timm.models._features.FeatureListNet(pruned, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        assert [f.shape[1] for f in features(x)] == features.feature_info.channels()
+        torch.testing.assert_close(torch.export.export(pruned, (x,)).module()(x), out, rtol=1e-4, atol=1e-5)
+    trained = copy.deepcopy(pruned).train()
+    trained(x).sum().backward()
+    assert all(p.grad is not None for p in trained.parameters())
+
+
+# measured macs_kept at 224 (count_macs), seed 0; with round_to=8 Torch-Pruning 1.6 rounds each head's count against
+# the whole width, which prunes the attention harder
+@pytest.mark.parametrize('ratio, round_to, macs_kept', [
+    (0.3, 8, 0.405), (0.3, None, 0.488), (0.5, 8, 0.330), (0.5, None, 0.275),
+])
+def test_prune_test_partialformer(ratio, round_to, macs_kept):
+    torch.manual_seed(0)
+    model = timm.create_model('test_partialformer').eval()
+    params, macs = count_params(model), count_macs(model, RES)
+    pruned, spec = _prune(model, ratio, round_to=round_to)
+    assert count_params(pruned) < params
+    assert count_macs(pruned, RES) / macs == pytest.approx(macs_kept, abs=0.01)
+    assert any('HeadMLP' in note for note in spec.notes)
+    old, new = model.stages[3].blocks[0].attn, pruned.stages[3].blocks[0].attn
+    assert new.num_heads == old.num_heads and new.qkv.out_features < old.qkv.out_features  # head dims, not heads
+    assert new.head_mlp.expand.weight.shape == old.head_mlp.expand.weight.shape  # it mixes heads: kept whole
+    _check_pruned(pruned, torch.randn(2, 3, 64, 64))
+
+
+def _randomize(module, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return module
+
+
+def _zero_pruned_channels(model, ratio, heads):
+    """Zero a random set of channels in every group the pruner cuts inside the blocks, as many as it removes at
+    `ratio` (round_to=None), so that group_norm importance picks exactly them and they carry nothing to the output.
+
+    'dims': q and k are zeroed whole (uniform MMSA and SQA: 1 / sqrt(head_dim) is then moot), v, proj and ChannelMLP
+    inputs lose the same dims of every head. 'heads': whole heads lose q, k, v, proj / fc1 inputs (the HeadMLP then
+    mixes zero logits of them and its output rows for them weight zero values). Returns the widths to expect.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(size, count):
+        return torch.randperm(size, generator=gen)[:count]
+
+    def count(size):  # Torch-Pruning's count at round_to=None
+        return size - int(size * (1 - ratio))
+
+    expected = {}
+    with torch.no_grad():
+        stem = model.stem
+        idx = pick(stem.conv1.out_channels, count(stem.conv1.out_channels))
+        for t in (stem.conv1.weight, stem.bn1.weight, stem.bn1.bias):
+            t[idx] = 0
+        stem.conv2.weight[:, idx] = 0
+        expected['stem.conv1'] = stem.conv1.out_channels - len(idx)
+        fc = model.pre_logits.fc
+        idx = pick(fc.out_features, count(fc.out_features))
+        for t in (fc.weight, fc.bias):
+            t[idx] = 0
+        model.head.weight[:, idx] = 0
+        expected['pre_logits.fc'] = fc.out_features - len(idx)
+        for name, blk in model.named_modules():
+            if not isinstance(blk, PartialBlock):
+                continue
+            idx = pick(blk.mlp.fc1.out_features, count(blk.mlp.fc1.out_features))
+            for t in (blk.mlp.fc1.weight, blk.mlp.fc1.bias):
+                t[idx] = 0
+            blk.mlp.fc2.weight[:, idx] = 0
+            expected[f'{name}.mlp.fc1'] = blk.mlp.fc1.out_features - len(idx)
+            attn = blk.attn
+            width, h = attn.proj.in_features, attn.num_heads
+            head_dim = width // h
+            if heads == 'dims':
+                chans = (torch.arange(h)[:, None] * head_dim + pick(head_dim, count(head_dim))).flatten()
+                for t in (attn.qkv.weight, attn.qkv.bias):
+                    t[:2 * width] = 0
+            else:  # ceil(ratio * h) heads; the only head of a stage stays (Torch-Pruning leaves a group whole)
+                drop = pick(h, math.ceil(ratio * h)) if h > 1 else torch.zeros(0, dtype=torch.long)
+                chans = (drop[:, None] * head_dim + torch.arange(head_dim)).flatten()
+                expected[f'{name}.attn.head_mlp.reduce'] = h - len(drop)
+            for t in (attn.qkv.weight, attn.qkv.bias):
+                for part in range(3):
+                    t[part * width + chans] = 0
+            attn.proj.weight[:, chans] = 0
+            attn.channel_mlp.fc1.weight[:, chans] = 0
+            expected[f'{name}.attn.qkv'] = 3 * (width - len(chans))
+    return expected
+
+
+def _unpruned_for_the_function_test(model):
+    # layers writing the residual stream (a stream channel also feeds LayerNorm statistics, so removing it, even
+    # zeroed, changes the function) and the ChannelMLP's fc1, whose hidden width is LayerNorm-ed for the same reason
+    return ['stem.conv2'] + [name for name, _ in model.named_modules() if name.endswith(
+        ('downsample.proj', 'attn.proj', 'channel_mlp.fc1', 'channel_mlp.fc2', 'mlp.fc2'))]
+
+
+@pytest.mark.parametrize('heads', ['dims', 'heads'])
+@pytest.mark.parametrize('ratio', [0.3, 0.5])
+def test_prune_removes_exactly_the_zeroed_channels(ratio, heads):
+    model = _randomize(timm.create_model('test_partialformer')).double().eval()
+    expected = _zero_pruned_channels(model, ratio, heads)
+    pruned, _ = _prune(model, ratio, heads=heads, round_to=None, ignore=_unpruned_for_the_function_test(model))
+    modules = dict(pruned.named_modules())
+    assert {name: getattr(modules[name], 'out_features', None) or modules[name].out_channels
+            for name in expected} == expected
+    for attn in pruned.modules():
+        if isinstance(attn, PartialAttention):
+            assert attn.num_heads == attn.head_mlp.reduce.out_features
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected_out = model(x)
+        assert expected_out.std() > 1e-3
+        torch.testing.assert_close(pruned(x), expected_out, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_prune_b0_to_half_the_macs():
+    from compress.config import PruneStage
+    from compress.stages.prune import search_ratio
+    torch.manual_seed(0)
+    model = timm.create_model('partialformer_b0').eval()
+    x = torch.randn(2, 3, 224, 224)
+    macs = count_macs(model, RES)
+    pruned, ratio, _ = search_ratio(model, PruneStage(target_macs=0.5), x, None, RES, macs)
+    assert count_macs(pruned, RES) / macs == pytest.approx(0.51, abs=0.02)  # round_to=8 steps: the search's best
+    assert count_params(pruned) / count_params(model) == pytest.approx(0.54, abs=0.03)
+    _check_pruned(pruned, x)

@@ -98,3 +98,13 @@ def test_torchao_int8_takes_the_linears_and_says_why_not_the_convs():
         assert sqnr_db(model(images), quantized(images)) > 25  # measured 34 dB
     assert TorchRunner(quantized, compiled=False, label='int8').size_mb() < \
         0.5 * TorchRunner(model, compiled=False, label='fp32').size_mb()
+
+
+@pytest.mark.slow
+def test_an_int8_model_the_openvino_cpu_plugin_rejects_fails_where_it_is_made():
+    """EMSNet's C-MHSA in int8 (transformer scheme, no ignored scope) converts, but the CPU plugin cannot compile it
+    (OpenVINO 2026.4). The stage learns it while quantizing, with the reason; the family's ignored scope avoids it.
+    If this starts passing, OpenVINO fixed it and EMSNet's ignored scope can go."""
+    model = timm.create_model('test_emsnet').eval()
+    with pytest.raises(RuntimeError, match=r'cannot compile the int8 model: \[GatherTransformation\]'):
+        quantize_openvino(model, [torch.randn(2, 3, 64, 64)], {'model_type': 'transformer', 'ignored_scope': None})

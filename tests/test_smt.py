@@ -176,28 +176,6 @@ def test_classifier():
     assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
 
 
-def test_features_only():
-    model = timm.create_model('test_smt', features_only=True).eval()
-    feats = model(torch.randn(1, 3, 64, 64))
-    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [16, 32, 64, 128]
-    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [4, 8, 16, 32]
-
-
-def test_forward_intermediates():
-    model = timm.create_model('test_smt').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        assert torch.allclose(final, model.forward_features(x))
-        assert torch.allclose(inter[-1], final)
-        assert [t.shape[1] for t in inter] == [info['num_chs'] for info in model.feature_info]
-        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
-        assert all(torch.allclose(a, b) for a, b in zip(early, inter[:2]))
-        assert model.prune_intermediate_layers(indices=(1,)) == [1]
-        assert len(model.stages) == 2 and model.num_features == 32
-        assert torch.allclose(model.forward_intermediates(x, intermediates_only=True)[-1], inter[1])
-
-
 def _conv_nodes(graph):
     return [n for n in graph.nodes if n.op == 'call_function' and 'conv' in str(n.target)]
 

@@ -52,27 +52,6 @@ def test_forward_shape_and_cfg():
     assert cfg['first_conv'] + '.weight' in sd
 
 
-def test_features_only():
-    model = timm.create_model('test_spartan', features_only=True).eval()
-    x = torch.randn(1, 3, 64, 64)
-    outs = model(x)
-    assert [o.shape[1] for o in outs] == model.feature_info.channels()
-    assert [64 // o.shape[-1] for o in outs] == model.feature_info.reduction() == [4, 8, 16, 32]
-
-
-def test_forward_intermediates():
-    model = timm.create_model('test_spartan').eval()
-    x = torch.randn(1, 3, 64, 64)
-    final, inters = model.forward_intermediates(x)
-    assert [t.shape[1] for t in inters] == [f['num_chs'] for f in model.feature_info]
-    assert [64 // t.shape[-1] for t in inters] == [f['reduction'] for f in model.feature_info]
-    assert torch.allclose(final, model.forward_features(x))
-    only = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
-    assert len(only) == 1 and torch.allclose(only[0], inters[1])
-    model.prune_intermediate_layers([1])
-    assert len(model.stages) == 2 and model.forward_features(x).shape[1] == model.feature_info[1]['num_chs']
-
-
 def test_hybrid_grouping_and_drop_path():
     model = timm.create_model('spartan_t', drop_path_rate=0.1)
     for i, stage in enumerate(model.stages):

@@ -100,9 +100,13 @@ def _pool_to_grid(x: torch.Tensor, patch_size: int, mode: str) -> torch.Tensor:
     real pixels of an edge patch, an average that divides by their number), so edge tokens are not biased towards
     zero. Identical to plain pooling when p divides the size.
     """
+    # a map smaller than p is one patch: pooling it whole is the same window, and OpenVINO rejects a kernel larger
+    # than the map even in ceil mode. Plain ints: a traced (TorchScript) kernel size would not be a constant.
+    height, width = x.shape[-2:]
+    kernel = (patch_size if height >= patch_size else int(height), patch_size if width >= patch_size else int(width))
     if mode == 'max':
-        return F.max_pool2d(x, patch_size, patch_size, ceil_mode=True)
-    return F.avg_pool2d(x, patch_size, patch_size, ceil_mode=True, count_include_pad=False)
+        return F.max_pool2d(x, kernel, kernel, ceil_mode=True)
+    return F.avg_pool2d(x, kernel, kernel, ceil_mode=True, count_include_pad=False)
 
 
 class CoordDWConv(nn.Module):
@@ -155,16 +159,19 @@ class ConvAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
+        B, _, H, W = x.shape
         k2 = self.kernel_size ** 2
         logits = self.attn(self.shrink(x))  # B, h * k2 * k2, Hw, Ww
         num_windows = logits.shape[-2] * logits.shape[-1]
         attn = logits.reshape(B, self.num_heads, k2, k2, num_windows).permute(0, 1, 4, 2, 3).softmax(dim=-1)
         attn = self.attn_drop(attn)  # B, h, L, k2 (queries), k2 (keys)
-        v = F.unfold(self.v(x), self.kernel_size, padding=self.padding, stride=self.stride)  # B, C * k2, L
-        v = v.reshape(B, self.num_heads, C // self.num_heads, k2, num_windows).permute(0, 1, 4, 3, 2)
-        out = attn @ v  # B, h, L, k2, C / h
-        out = out.permute(0, 1, 4, 3, 2).reshape(B, C * k2, num_windows)
+        # value width from N's weights (-1), not from the input: the two need not match
+        v = F.unfold(self.v(x), self.kernel_size, padding=self.padding, stride=self.stride)  # B, C_v * k2, L
+        v = v.reshape(B, self.num_heads, -1, k2, num_windows).permute(0, 1, 4, 3, 2)
+        # one 3-D batched product over (B, h, L): the bmm a 5-D matmul runs, without the 5-D broadcast (expand) it
+        # records, which autograd-tracing tools read as a grouped-query repeat
+        out = torch.bmm(attn.flatten(0, 2), v.flatten(0, 2)).unflatten(0, attn.shape[:3])  # B, h, L, k2, C_v / h
+        out = out.permute(0, 1, 4, 3, 2).reshape(B, -1, num_windows)
         return F.fold(out, (H, W), self.kernel_size, padding=self.padding, stride=self.stride)
 
 
@@ -185,22 +192,25 @@ class GlobalAttention(nn.Module):
         super().__init__()
         assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
         self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5  # a constant of the layer, as trained (pruned head dims keep it)
         self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
+        B, _, H, W = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # B, N, C
         q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
         else:
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))
-        return out.transpose(1, 2).reshape(B, C, H, W)
+        # widths from the weights (-1): attention and output width need not equal the input's
+        out = self.proj(out.transpose(1, 2).reshape(B, H * W, -1))
+        return out.transpose(1, 2).reshape(B, -1, H, W)
 
 
 class PatchMixer(nn.Module):
@@ -252,7 +262,6 @@ class StaticOperator(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         assert dim % 4 == 0, f'static width {dim} must be divisible by 4 (1/4 : 1/2 : 1/4 split)'
-        self.quarter = dim // 4
         embed_chs = int(dim // 4 * pe_ratio)
         self.whiten = nn.Conv2d(dim, dim, 1, **dd)
         self.dwconv = nn.Conv2d(dim, dim, dw_kernel_size, padding=dw_kernel_size // 2, groups=dim, **dd)
@@ -260,7 +269,9 @@ class StaticOperator(nn.Module):
             dim // 4, embed_chs, patch_sizes[0], 'max', CoordDWConv(embed_chs, coord_kernel_size, **dd), **dd)
         self.mixer_coarse = PatchMixer(
             dim // 4, embed_chs, patch_sizes[1], 'max', CoordDWConv(embed_chs, coord_kernel_size, **dd), **dd)
-        self.fuse = nn.Conv2d(2 * embed_chs + dim // 2, dim, 1, **dd)
+        self.pass_through = nn.Identity()  # X_m2, the half that passes unchanged (a named branch, no parameters)
+        # not `fuse`: timm's reparameterize_model calls `fuse()` on every child that has one
+        self.merge = nn.Conv2d(2 * embed_chs + dim // 2, dim, 1, **dd)
         self.gate_proj = nn.Conv2d(dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,9 +279,12 @@ class StaticOperator(nn.Module):
         # remove each channel's spatial mean (its DC / global component), see the module docstring
         w = w - w.mean(dim=(2, 3), keepdim=True)
         m = self.dwconv(w)
-        q = self.quarter  # X_m1 | X_m2 | X_m3 = 1/4 | 1/2 | 1/4 of the channels, by slicing
-        y = torch.cat([self.mixer_fine(m[:, :q]), m[:, q:-q], self.mixer_coarse(m[:, -q:])], dim=1)
-        y = self.fuse(y)
+        # X_m1 | X_m2 | X_m3 = 1/4 | 1/2 | 1/4 of the channels, by slicing. Widths read from the weights, bounds
+        # non-negative: any split (a pruned one too) slices right
+        c, c1, c3 = m.shape[1], self.mixer_fine.embed.in_channels, self.mixer_coarse.embed.in_channels
+        y = torch.cat(
+            [self.mixer_fine(m[:, :c1]), self.pass_through(m[:, c1:c - c3]), self.mixer_coarse(m[:, c - c3:])], dim=1)
+        y = self.merge(y)
         return self.gate_proj(x) * y.sigmoid()
 
 
@@ -300,11 +314,11 @@ class DynamicOperator(nn.Module):
         self.global_mixer = PatchMixer(
             half, embed_chs, patch_sizes[1], 'avg',
             GlobalAttention(embed_chs, global_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, **dd), **dd)
-        self.fuse = nn.Conv2d(2 * embed_chs, dim, 1, **dd)
+        self.merge = nn.Conv2d(2 * embed_chs, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[1] // 2
-        return self.fuse(torch.cat([self.local_mixer(x[:, :half]), self.global_mixer(x[:, half:])], dim=1))
+        half = self.local_mixer.embed.in_channels  # read from the weights: the halves need not stay equal
+        return self.merge(torch.cat([self.local_mixer(x[:, :half]), self.global_mixer(x[:, half:])], dim=1))
 
 
 class MultiScaleInteraction(nn.Module):
@@ -327,12 +341,16 @@ class MultiScaleInteraction(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.static_chs = int(dim * static_ratio)
+        static_chs = int(dim * static_ratio)
         self.static = StaticOperator(
-            self.static_chs, patch_sizes[:2], pe_ratios[0], dw_kernel_size, coord_kernel_size, **dd)
+            static_chs, patch_sizes[:2], pe_ratios[0], dw_kernel_size, coord_kernel_size, **dd)
         self.dynamic = DynamicOperator(
-            dim - self.static_chs, patch_sizes[2:], pe_ratios[1], local_heads, global_heads, qkv_bias, attn_drop, **dd)
+            dim - static_chs, patch_sizes[2:], pe_ratios[1], local_heads, global_heads, qkv_bias, attn_drop, **dd)
         self.proj = nn.Conv2d(dim, dim, 1, **dd)
+
+    @property
+    def static_chs(self) -> int:
+        return self.static.whiten.in_channels  # read from the weights: true after pruning too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # split by slicing (views), as the text prescribes, not by a split conv

@@ -221,7 +221,10 @@ class MATAttention(nn.Module):
         num_tokens = x.shape[1]
 
         # token abstraction: window self-attention, the abstract token (index 0) attends to its window and back
-        q, k, v = self.qkv(x).reshape(-1, num_tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # q / k / v are split before the heads, so each comes out of the unbind with one reader (q is read twice,
+        # by this attention and the fusion): graph tracers such as structured pruners size unbind chunks by readers
+        q, k, v = (t.reshape(-1, num_tokens, self.num_heads, head_dim).transpose(1, 2)
+                   for t in self.qkv(x).reshape(-1, num_tokens, 3, width).permute(2, 0, 1, 3).unbind(0))
         x = _attend(q, k, v, self._window_bias(with_token), self.fused_attn, self.attn_drop)  # B*N_w, h, n, d
 
         if with_token:

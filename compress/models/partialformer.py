@@ -173,17 +173,23 @@ class PartialAttention(nn.Module):
         # (B, L, d) -> (B, h, L, d_h); head_dim from the width (-1), so head-dim pruning needs no attribute edits
         return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
 
+    @staticmethod
+    def _split_qkv(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        # (B, L, 3d) -> three (B, L, d)
+        return t.reshape(t.shape[0], t.shape[1], 3, -1).permute(2, 0, 1, 3).unbind(0)
+
     def forward(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         # at least one background token must remain for SQA (N is static under a dynamic-batch export)
         num_fg = min(self.num_foreground, N - 1)
         fg_index = scores.topk(num_fg, dim=1).indices  # (B, N_F), descending context score
 
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, h, N, d_h), all tokens
+        # q / k / v: the same split as `chunk(3, -1)`, written as an unbind of a leading dim whose every output has
+        # one reader (its head reshape), the form graph tracers such as structured pruners map onto the qkv rows
+        q, k, v = (self._heads(t) for t in self._split_qkv(self.qkv(x)))  # (B, h, N, d_h), all tokens
 
         # MMSA operands: the abstract token's projections, then the foreground rows gathered from the projections
-        qa, ka, va = (self._heads(t).expand(B, -1, -1, -1) for t in self.qkv(self.abstract_token).chunk(3, dim=-1))
+        qa, ka, va = (self._heads(t).expand(B, -1, -1, -1) for t in self._split_qkv(self.qkv(self.abstract_token)))
         gather_index = fg_index[:, None, :, None].expand(-1, self.num_heads, -1, q.shape[-1])
         q_f = torch.cat([qa, q.gather(2, gather_index)], dim=2)
         k_f = torch.cat([ka, k.gather(2, gather_index)], dim=2)
@@ -198,7 +204,9 @@ class PartialAttention(nn.Module):
         out_f = self.proj_drop(out_f)
 
         # SQA over the background: all keys, foreground ones masked out (same as gathering X_B, without the copy)
-        is_fg = torch.zeros_like(scores, dtype=torch.bool).scatter(1, fg_index, True)
+        # a tensor source, not a scalar: TorchScript (OpenVINO's converter) has no bool-scalar scatter overload
+        is_fg = torch.zeros_like(scores, dtype=torch.bool).scatter(
+            1, fg_index, torch.ones_like(fg_index, dtype=torch.bool))
         logits = (query_a * scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
         logits = logits.masked_fill(is_fg[:, None, None, :], float('-inf'))
         y_b = logits.softmax(dim=-1) @ v  # (B, h, 1, d_h)

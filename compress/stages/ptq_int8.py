@@ -32,7 +32,7 @@ from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
 from compress.stages.families import rules_for
 from eval.coverage import weight_coverage
-from eval.runtimes import to_openvino
+from eval.runtimes import check_compiles, to_openvino
 
 __all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'quantize_torchao_int8', 'nncf_settings',
            'runs_attention']
@@ -112,6 +112,7 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], settings: dic
     # NNCF counts dataset items, and each item here is a batch
     quantized = nncf.quantize(float_model.clone(), dataset, subset_size=len(calib),
                               target_device=nncf.TargetDevice.CPU, **kwargs)
+    check_compiles(quantized, 'int8 model')
     return quantized, float_model
 
 

@@ -62,7 +62,7 @@ from compress.config import Weight4BitStage
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
 from eval.coverage import execution_order, weight_coverage
-from eval.runtimes import to_openvino
+from eval.runtimes import check_compiles, to_openvino
 
 __all__ = ['apply_weight_4bit', 'compress_openvino', 'quantize_torchao_int4']
 
@@ -85,6 +85,7 @@ def compress_openvino(model: nn.Module, example: torch.Tensor, cfg: Weight4BitSt
         float_model.clone(), mode=mode, group_size=cfg.group_size, ratio=cfg.ratio, all_layers=cfg.all_layers,
         advanced_parameters=nncf.AdvancedCompressionParameters(
             group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST))
+    check_compiles(compressed, '4-bit model')
     return compressed, float_model
 
 

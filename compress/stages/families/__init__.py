@@ -38,4 +38,6 @@ def rules_for(model: nn.Module) -> FamilyRules:
 
 
 # the families with rules register them on import
-from compress.stages.families import resnet_cifar, smt, spartan  # noqa: E402,F401
+from compress.stages.families import (  # noqa: E402,F401
+    emsnet, mat, partialformer, resnet_cifar, s2aformer, smt, spartan,
+)
