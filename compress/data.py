@@ -228,7 +228,8 @@ def build_datasets(cfg: DataConfig, need_calib: bool, need_train: bool, seed: in
     """Open the evaluation set, and the calibration / training sets a recipe's stages need."""
     calib = train = None
     if cfg.source == 'synthetic':
-        make = lambda split, size: SyntheticShapes(split, size, cfg.synthetic_classes, cfg.synthetic_image_size, seed)
+        def make(split: str, size: int) -> SyntheticShapes:
+            return SyntheticShapes(split, size, cfg.synthetic_classes, cfg.synthetic_image_size, seed)
         eval_set = make('eval', cfg.synthetic_eval)
         calib = make('calib', cfg.synthetic_calib) if need_calib else None
         train = make('train', cfg.synthetic_train) if need_train else None
