@@ -17,6 +17,7 @@ from compress.models.emsnet import (
     ConvAttention, EMSBlock, EMSNet, PatchMixer, StaticOperator,
 )
 from eval.complexity import count_macs, count_params
+from pruned_models import check_pruned_model_runs, kill_channels
 
 # name -> (published params M, published GMACs at 224)
 PUBLISHED = {
@@ -265,28 +266,8 @@ def test_prune_test_variant(ratio, macs_kept, heads):
     for attn in pruned.modules():
         if isinstance(attn, compress.models.emsnet.GlobalAttention):
             assert attn.qkv.out_features % (3 * attn.num_heads) == 0 and attn.num_heads >= 1
-    with torch.no_grad():
-        out = pruned(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
-        exported = torch.export.export(pruned, (x,))
-        torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)
-    pruned.train()
-    pruned(x).sum().backward()
+    check_pruned_model_runs(pruned, x)
     assert any('G-MHSA' in note for note in spec.notes)
-
-
-def _kill(idx, rows=(), norms=(), cols=()):
-    """Make channels `idx` dead: zero the producers' rows and biases and the norms' affine terms (the channel is 0
-    everywhere), and the consumers' columns (`(layer, offset)`), so that every layer of the group ranks them last."""
-    for layer in rows:
-        layer.weight[idx] = 0
-        if layer.bias is not None:
-            layer.bias[idx] = 0
-    for norm in norms:
-        norm.weight[idx] = 0
-        norm.bias[idx] = 0
-    for layer, offset in cols:
-        layer.weight[:, idx + offset] = 0
 
 
 def _kill_channels(model, ratio):
@@ -312,7 +293,7 @@ def _kill_channels(model, ratio):
     expected = {}
     stem = model.stem
     idx = pick(stem.conv1.out_channels)
-    _kill(idx, rows=[stem.conv1], norms=[stem.norm1], cols=[(stem.conv2, 0)])
+    kill_channels(idx, rows=[stem.conv1], norms=[stem.norm1], cols=[(stem.conv2, 0)])
     expected['stem.conv1'] = stem.conv1.out_channels - len(idx)
     for i, stage in enumerate(model.stages):
         blocks = list(stage.blocks)
@@ -323,61 +304,61 @@ def _kill_channels(model, ratio):
         idx = pick_split(parts)  # the residual stream of the stage
         static, local, glob = idx[idx < cs], idx[(idx >= cs) & (idx < cs + parts[1])], idx[idx >= cs + parts[1]]
         producer, norm = (stem.conv2, stem.norm2) if i == 0 else (stage.downsample.conv, stage.downsample.norm)
-        _kill(idx, rows=[producer], norms=[norm])
+        kill_channels(idx, rows=[producer], norms=[norm])
         for blk in blocks:
             mix, dyn = blk.mixer, blk.mixer.dynamic
-            _kill(idx, rows=[mix.proj, blk.mlp.fc2], norms=[blk.norm1, blk.norm2], cols=[(blk.mlp.fc1, 0)])
-            _kill(static, cols=[(mix.static.whiten, 0), (mix.static.gate_proj, 0)])
-            _kill(local, cols=[(dyn.local_mixer.embed, -cs)])
-            _kill(glob, cols=[(dyn.global_mixer.embed, -cs - parts[1])])
+            kill_channels(idx, rows=[mix.proj, blk.mlp.fc2], norms=[blk.norm1, blk.norm2], cols=[(blk.mlp.fc1, 0)])
+            kill_channels(static, cols=[(mix.static.whiten, 0), (mix.static.gate_proj, 0)])
+            kill_channels(local, cols=[(dyn.local_mixer.embed, -cs)])
+            kill_channels(glob, cols=[(dyn.global_mixer.embed, -cs - parts[1])])
         if i + 1 < len(model.stages):
-            _kill(idx, cols=[(model.stages[i + 1].downsample.conv, 0)])
+            kill_channels(idx, cols=[(model.stages[i + 1].downsample.conv, 0)])
         else:
-            _kill(idx, norms=[model.norm], cols=[(model.head, 0)])
+            kill_channels(idx, norms=[model.norm], cols=[(model.head, 0)])
         expected[f'stages.{i}'] = sum(parts) - len(idx)
         for j, blk in enumerate(blocks):
             name = f'stages.{i}.blocks.{j}'
             mlp, op, dyn = blk.mlp, blk.mixer.static, blk.mixer.dynamic
             idx = pick(mlp.fc1.out_channels)
-            _kill(idx, rows=[mlp.fc1], cols=[(mlp.fc2, 0)])
+            kill_channels(idx, rows=[mlp.fc1], cols=[(mlp.fc2, 0)])
             expected[f'{name}.mlp'] = mlp.fc1.out_channels - len(idx)
             # static operator: the DWConv width (sliced 1 : 2 : 1), the two patch mixers, the gated output
             fine, coarse = op.mixer_fine, op.mixer_coarse
             c1, c3 = fine.embed.in_channels, coarse.embed.in_channels
             cm, e = op.whiten.out_channels - c1 - c3, fine.embed.out_channels
             idx = pick_split((c1, cm, c3))
-            _kill(idx, rows=[op.whiten, op.dwconv])
-            _kill(idx[idx < c1], cols=[(fine.embed, 0)])
-            _kill(idx[(idx >= c1) & (idx < c1 + cm)], cols=[(op.merge, e - c1)])
-            _kill(idx[idx >= c1 + cm], cols=[(coarse.embed, -c1 - cm)])
+            kill_channels(idx, rows=[op.whiten, op.dwconv])
+            kill_channels(idx[idx < c1], cols=[(fine.embed, 0)])
+            kill_channels(idx[(idx >= c1) & (idx < c1 + cm)], cols=[(op.merge, e - c1)])
+            kill_channels(idx[idx >= c1 + cm], cols=[(coarse.embed, -c1 - cm)])
             expected[f'{name}.static.dwconv'] = op.whiten.out_channels - len(idx)
             for mixer, offset in ((fine, 0), (coarse, e + cm)):
                 idx = pick(e)
-                _kill(idx, rows=[mixer.embed, mixer.mixer.conv_h, mixer.mixer.conv_v, mixer.prop],
+                kill_channels(idx, rows=[mixer.embed, mixer.mixer.conv_h, mixer.mixer.conv_v, mixer.prop],
                       cols=[(op.merge, offset)])
             idx = pick(op.merge.out_channels)
-            _kill(idx, rows=[op.merge, op.gate_proj], cols=[(blk.mixer.proj, 0)])
+            kill_channels(idx, rows=[op.merge, op.gate_proj], cols=[(blk.mixer.proj, 0)])
             # dynamic operator: C-MHSA input and value widths, G-MHSA input, head dims and output, the fusion
             local, glob = dyn.local_mixer, dyn.global_mixer
             idx = pick(local.embed.out_channels)
-            _kill(idx, rows=[local.embed, local.mixer.shrink], cols=[(local.mixer.attn, 0), (local.mixer.v, 0)])
+            kill_channels(idx, rows=[local.embed, local.mixer.shrink], cols=[(local.mixer.attn, 0), (local.mixer.v, 0)])
             idx = pick(local.mixer.v.out_channels)
-            _kill(idx, rows=[local.mixer.v, local.prop], cols=[(dyn.merge, 0)])
+            kill_channels(idx, rows=[local.mixer.v, local.prop], cols=[(dyn.merge, 0)])
             expected[f'{name}.conv_attention.v'] = local.mixer.v.out_channels - len(idx)
             idx = pick(glob.embed.out_channels)
-            _kill(idx, rows=[glob.embed], cols=[(glob.mixer.qkv, 0)])
+            kill_channels(idx, rows=[glob.embed], cols=[(glob.mixer.qkv, 0)])
             attn = glob.mixer
             width = attn.proj.in_features
             head_dim = width // attn.num_heads
             dims = pick(head_dim)
             idx = torch.cat([dims + h * head_dim for h in range(attn.num_heads)])  # the same dims in every head
-            _kill(torch.cat([idx, idx + width, idx + 2 * width]), rows=[attn.qkv])
-            _kill(idx, cols=[(attn.proj, 0)])
+            kill_channels(torch.cat([idx, idx + width, idx + 2 * width]), rows=[attn.qkv])
+            kill_channels(idx, cols=[(attn.proj, 0)])
             expected[f'{name}.global.qkv'] = 3 * (width - len(idx))
             idx = pick(attn.proj.out_features)
-            _kill(idx, rows=[attn.proj, glob.prop], cols=[(dyn.merge, local.prop.out_channels)])
+            kill_channels(idx, rows=[attn.proj, glob.prop], cols=[(dyn.merge, local.prop.out_channels)])
             idx = pick(dyn.merge.out_channels)
-            _kill(idx, rows=[dyn.merge], cols=[(blk.mixer.proj, cs)])
+            kill_channels(idx, rows=[dyn.merge], cols=[(blk.mixer.proj, cs)])
     return expected
 
 

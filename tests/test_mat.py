@@ -8,7 +8,6 @@ MACs: the dissertation's "GFLOPs" are multiply-accumulates counted like fvcore -
 + norms and pooling - i.e. `count_macs(model, input_size, include_norms=True)` here; that is the quantity compared
 with the tables. The plain `count_macs` (conv + linear + attention matmuls) is pinned as well.
 """
-import copy
 import math
 import types
 
@@ -22,6 +21,7 @@ import compress.models.mat  # noqa: F401  (registers the entrypoints)
 import timm.models._features
 from compress.models.mat import MAT, BilinearPatchEmbed, MATAttention, checkpoint_filter_fn
 from eval.complexity import count_macs, count_params
+from pruned_models import check_pruned_model_runs
 
 RES = (3, 224, 224)
 
@@ -479,18 +479,7 @@ def _check_pruned(pruned, x):
             assert attn.offset_head.out_channels == 2
             assert attn.offset_dw.out_channels == attn.offset_head.in_channels == attn.proj.in_channels
     assert pruned.head.out_features == 1000 and pruned.head.in_features == pruned.head_hidden_size
-    with torch.no_grad():
-        out = pruned(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
-        feats = pruned.forward_intermediates(x, intermediates_only=True)
-        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in pruned.feature_info]
-        assert pruned.forward_features(x).shape[1] == pruned.num_features == feats[-1].shape[1]
-        features = timm.models._features.FeatureListNet(pruned, out_indices=(0, 1, 2, 3), flatten_sequential=True)
-        assert [f.shape[1] for f in features(x)] == features.feature_info.channels()
-        torch.testing.assert_close(torch.export.export(pruned, (x,)).module()(x), out, rtol=1e-4, atol=1e-5)
-    trained = copy.deepcopy(pruned).train()
-    trained(x).sum().backward()
-    assert all(p.grad is not None for p in trained.parameters())
+    check_pruned_model_runs(pruned, x)
 
 
 # measured macs_kept at 224 (count_macs), seed 0; round_to=8 over-prunes the 8..64-wide test model

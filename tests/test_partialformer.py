@@ -9,7 +9,6 @@ counting costs shapes only.
 There is no official code, so the published numbers bound the reconstruction (within 5 %) and the exact counts of
 the chosen reading are pinned separately, to catch unintended changes.
 """
-import copy
 import math
 
 import pytest
@@ -22,6 +21,7 @@ import compress.models.partialformer  # noqa: F401  (registers the entrypoints)
 import timm.models._features
 from compress.models.partialformer import PartialAttention, PartialBlock
 from eval.complexity import count_macs, count_params
+from pruned_models import check_pruned_model_runs
 
 VARIANTS = ['partialformer_b0', 'partialformer_b1', 'partialformer_b2', 'partialformer_b3', 'partialformer_b4']
 # Table 5.1: (params in M, GFLOPs = GMACs) at 224
@@ -286,18 +286,7 @@ def _check_pruned(pruned, x):
             assert attn.channel_mlp.fc1.in_features == width and attn.abstract_token.shape[-1] == attn.qkv.in_features
             assert attn.head_mlp.expand.in_features == attn.head_mlp.reduce.out_features == attn.num_heads
     assert pruned.head.out_features == 1000 and pruned.head.in_features == pruned.head_hidden_size
-    with torch.no_grad():
-        out = pruned(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
-        feats = pruned.forward_intermediates(x, intermediates_only=True)
-        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in pruned.feature_info]
-        assert pruned.forward_features(x).shape[1] == pruned.num_features == feats[-1].shape[1]
-        features = timm.models._features.FeatureListNet(pruned, out_indices=(0, 1, 2, 3), flatten_sequential=True)
-        assert [f.shape[1] for f in features(x)] == features.feature_info.channels()
-        torch.testing.assert_close(torch.export.export(pruned, (x,)).module()(x), out, rtol=1e-4, atol=1e-5)
-    trained = copy.deepcopy(pruned).train()
-    trained(x).sum().backward()
-    assert all(p.grad is not None for p in trained.parameters())
+    check_pruned_model_runs(pruned, x)
 
 
 # measured macs_kept at 224 (count_macs), seed 0; with round_to=8 Torch-Pruning 1.6 rounds each head's count against

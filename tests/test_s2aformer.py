@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import compress.models.s2aformer  # noqa: F401  (registers the entrypoints)
 from compress.models.s2aformer import S2AFormer, StripAttention
 from eval.complexity import count_macs, count_params
+from pruned_models import check_pruned_model_runs, kill_channels
 
 aten = torch.ops.aten
 
@@ -318,28 +319,8 @@ def test_prune_test_variant(ratio, heads, macs_kept, value_widths):
     assert [a.v.out_features for a in attns] == value_widths
     assert [a.num_heads for a in attns] == ([1, 1, 1, 1, 1] if heads == 'heads' else [1, 1, 2, 2, 2])
     assert pruned.head.out_features == pruned.head_dist.out_features == 1000
-    with torch.no_grad():
-        out = pruned(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
-        exported = torch.export.export(pruned, (x,))
-        torch.testing.assert_close(exported.module()(x), out, rtol=1e-4, atol=1e-5)
-    pruned.train()
-    pruned(x).sum().backward()
+    check_pruned_model_runs(pruned, x)
     assert any(note.startswith('SSA:') for note in spec.notes)
-
-
-def _kill(idx, rows=(), norms=(), cols=()):
-    """Make channels `idx` dead: zero the producers' rows and biases and the norms' affine terms (the channel is 0
-    everywhere), and the consumers' columns (`(layer, offset)`), so that every layer of the group ranks them last."""
-    for layer in rows:
-        layer.weight[idx] = 0
-        if layer.bias is not None:
-            layer.bias[idx] = 0
-    for norm in norms:
-        norm.weight[idx] = 0
-        norm.bias[idx] = 0
-    for layer, offset in cols:
-        layer.weight[:, idx + offset] = 0
 
 
 def _kill_channels(model, ratio):
@@ -365,7 +346,7 @@ def _kill_channels(model, ratio):
     stem = model.stem
     for conv, nxt in ((stem.conv1, stem.conv2), (stem.conv2, stem.conv3)):
         idx = pick(conv.conv.out_channels)
-        _kill(idx, rows=[conv.conv], norms=[conv.bn], cols=[(nxt.conv, 0)])
+        kill_channels(idx, rows=[conv.conv], norms=[conv.bn], cols=[(nxt.conv, 0)])
     expected['stem.conv2'] = stem.conv2.conv.out_channels - len(idx)
     for name, blk in model.named_modules():
         if not isinstance(blk, compress.models.s2aformer.HybridPerceptionBlock):
@@ -373,19 +354,19 @@ def _kill_channels(model, ratio):
         lim, attn, mlp = blk.lim, blk.attn, blk.mlp
         idx = pick(lim.pw1.out_channels, repeat=lim.pw2.groups)
         positions = idx[idx < lim.pw1.out_channels // lim.pw2.groups]
-        _kill(idx, rows=[lim.pw1, lim.dw, lim.se.fc2], cols=[(lim.se.fc1, 0)])
+        kill_channels(idx, rows=[lim.pw1, lim.dw, lim.se.fc2], cols=[(lim.se.fc1, 0)])
         lim.pw2.weight[:, positions] = 0  # grouped: in-group position p of every group
         expected[f'{name}.lim'] = lim.pw1.out_channels - len(idx)
         idx = pick(lim.se.fc1.out_channels)
-        _kill(idx, rows=[lim.se.fc1], cols=[(lim.se.fc2, 0)])
+        kill_channels(idx, rows=[lim.se.fc1], cols=[(lim.se.fc2, 0)])
         idx = pick(mlp.fc1.out_features)
-        _kill(idx, rows=[mlp.fc1], cols=[(mlp.fc2, 0)])
+        kill_channels(idx, rows=[mlp.fc1], cols=[(mlp.fc2, 0)])
         expected[f'{name}.mlp'] = mlp.fc1.out_features - len(idx)
         idx = pick(attn.v.out_features, repeat=attn.num_heads)
-        _kill(idx, rows=[attn.v], cols=[(attn.proj, 0)])
+        kill_channels(idx, rows=[attn.v], cols=[(attn.proj, 0)])
         expected[f'{name}.attn.v'] = attn.v.out_features - len(idx)
     idx = pick(model.conv_head.out_channels)
-    _kill(idx, rows=[model.conv_head], cols=[(model.head, 0), (model.head_dist, 0)])
+    kill_channels(idx, rows=[model.conv_head], cols=[(model.head, 0), (model.head_dist, 0)])
     expected['conv_head'] = model.conv_head.out_channels - len(idx)
     return expected
 

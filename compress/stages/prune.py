@@ -138,7 +138,26 @@ def prune_model(model: nn.Module, cfg: PruneStage, ratio: float, example: torch.
     for fix in spec.after_prune:
         fix(model, pruner)
     model.zero_grad(set_to_none=True)
-    return model.eval(), spec
+    _widths_from_outputs(model.eval(), example)
+    return model, spec
+
+
+def _widths_from_outputs(model: nn.Module, example: torch.Tensor) -> None:
+    """timm's width attributes (``feature_info`` channels, ``num_features``, ``head_hidden_size``; read by
+    ``reset_classifier``, ``features_only`` and distillation) set from what the pruned model outputs, so that no
+    family needs to know where its widths live."""
+    if not (hasattr(model, 'forward_intermediates') and isinstance(getattr(model, 'feature_info', None), list)):
+        return
+    with torch.no_grad():
+        intermediates = model.forward_intermediates(example[:1], intermediates_only=True)
+        features = model.forward_features(example[:1])
+        pre_logits = model.forward_head(features, pre_logits=True)
+    if len(intermediates) == len(model.feature_info):
+        for info, output in zip(model.feature_info, intermediates):
+            info['num_chs'] = output.shape[1]
+    model.num_features = features.shape[1] if features.ndim == 4 else features.shape[-1]
+    if hasattr(model, 'head_hidden_size'):
+        model.head_hidden_size = pre_logits.shape[-1] if pre_logits.ndim == 2 else pre_logits.shape[1]
 
 
 def search_ratio(model, cfg, example, grad_batches, input_size, macs_before) -> tuple[nn.Module, float, PruningSpec]:

@@ -162,18 +162,6 @@ def _fix_heads(model: nn.Module, pruner, head_dims: dict[nn.Module, int]) -> Non
             attn.num_heads = attn.qkv.out_features // 3 // head_dim
 
 
-def _fix_widths(model: nn.Module, pruner) -> None:
-    # width attributes read by reset_classifier / features_only / prune_intermediate_layers
-    if isinstance(model, EMSNet):
-        width = model.stem.conv2.out_channels
-        for info, stage in zip(model.feature_info, model.stages):
-            if not isinstance(stage.downsample, nn.Identity):
-                width = stage.downsample.conv.out_channels
-            info['num_chs'] = width
-        model.num_features = model.norm.num_features
-        model.head_hidden_size = model.num_features * model.global_pool.feat_mult()
-
-
 def pruning_spec(model: nn.Module):
     """What Torch-Pruning must be told about EMSNet in `pruning_form` (see the comment above)."""
     from compress.stages.prune import PruningSpec  # the stage imports this package: import late
@@ -187,7 +175,7 @@ def pruning_spec(model: nn.Module):
         num_heads={attn.qkv: attn.num_heads for attn in globals_},
         customized_pruners={ConvAttention: _conv_attention_pruner()},
         after_prune=[partial(_prune_split_widths, held=set(held)), _restore_pass_through,
-                     partial(_fix_heads, head_dims=head_dims), _fix_widths],
+                     partial(_fix_heads, head_dims=head_dims)],
     )
     if _static_operators(model):
         spec.notes += [

@@ -93,19 +93,10 @@ def _prune_mixing_width(model: nn.Module, pruner) -> None:
         pruner.DG.get_pruning_group(layer, tp.prune_linear_out_channels, removed).prune()
 
 
-def _fix_attributes(model: nn.Module, pruner) -> None:
+def _refuse_whole_heads(model: nn.Module, pruner) -> None:
     if pruner.prune_num_heads and any(isinstance(m, MATAttention) for m in model.modules()):
         raise ValueError("MAT: whole attention heads cannot be pruned (heads='heads'): the window and mixing "
                          "attentions share num_heads; prune head dims (heads='dims') or keep them (heads='none')")
-    # width attributes read by reset_classifier / features_only
-    if isinstance(model, MAT):
-        for info, stage in zip(model.feature_info, model.stages):
-            info['num_chs'] = stage.blocks[-1].mlp.fc2.out_features
-        model.num_features = model.norm.normalized_shape[0]
-        if isinstance(model.pre_logits, nn.Sequential):
-            model.head_hidden_size = model.pre_logits.conv.out_channels
-        else:
-            model.head_hidden_size = model.num_features
 
 
 def pruning_spec(model: nn.Module):
@@ -118,7 +109,7 @@ def pruning_spec(model: nn.Module):
                                                                    getattr(a, 'mix_qkv', None)) if layer is not None},
         unwrapped_parameters={a.abstract_token: 2 for a in mixers},
         customized_pruners={BilinearPatchEmbed: _bilinear_pe_pruner()},
-        after_prune=[_prune_mixing_width, _fix_attributes],
+        after_prune=[_prune_mixing_width, _refuse_whole_heads],
     )
     tables = [a.relative_position_bias_table for a in attns if a.relative_position_bias_table is not None]
     spec.unwrapped_parameters.update({table: 1 for table in tables})

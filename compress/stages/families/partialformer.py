@@ -65,24 +65,6 @@ def _track_heads(group, graph) -> None:
             attn.num_heads -= len(heads)
 
 
-def _fix_widths(model: nn.Module, pruner) -> None:
-    # num_heads follows what `_track_heads` saw removed, not tp's own count, which also drops when tp then leaves the
-    # group whole (the only head of a stage)
-    for attn in model.modules():
-        if isinstance(attn, PartialAttention):
-            assert attn.head_mlp.reduce.out_features == attn.num_heads
-            assert attn.qkv.out_features % (3 * attn.num_heads) == 0
-    # width attributes read by reset_classifier / features_only
-    if isinstance(model, PartialFormer):
-        for info, stage in zip(model.feature_info, model.stages):
-            info['num_chs'] = stage.blocks[-1].mlp.fc2.out_features
-        model.num_features = model.norm.normalized_shape[0]
-        if isinstance(model.pre_logits, nn.Sequential):
-            model.head_hidden_size = model.pre_logits.fc.out_features
-        else:
-            model.head_hidden_size = model.num_features
-
-
 def pruning_spec(model: nn.Module):
     """What Torch-Pruning must be told about PartialFormer (see the comment above). Call it on the model pruned."""
     from compress.stages.prune import PruningSpec  # the stage imports this package: import late
@@ -92,7 +74,6 @@ def pruning_spec(model: nn.Module):
         unwrapped_parameters={a.abstract_token: 2 for a in attns},
         customized_pruners={HeadMLP: _head_mlp_pruner()},
         on_group=[_track_heads],
-        after_prune=[_fix_widths],
     )
     if attns:
         spec.notes += [

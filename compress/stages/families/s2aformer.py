@@ -150,16 +150,6 @@ def _prune_grouped_streams(model: nn.Module, pruner, held: set[nn.Module]) -> No
             group.prune()
 
 
-def _fix_widths(model: nn.Module, pruner) -> None:
-    # width attributes read by reset_classifier / features_only / prune_intermediate_layers
-    if isinstance(model, S2AFormer):
-        for info, stage in zip(model.feature_info, model.stages):
-            info['num_chs'] = stage.downsample.proj.out_channels
-        model.num_features = model.norm.normalized_shape[0]
-        conv_head = model.conv_head
-        model.head_hidden_size = conv_head.out_channels if isinstance(conv_head, nn.Conv2d) else model.num_features
-
-
 def pruning_spec(model: nn.Module):
     """What Torch-Pruning must be told about S2AFormer (see the comment above). Call it on the model that is pruned."""
     from compress.stages.prune import PruningSpec  # the stage imports this package: import late
@@ -169,7 +159,7 @@ def pruning_spec(model: nn.Module):
     spec = PruningSpec(
         ignored_layers=classifiers + held,
         customized_pruners={StripAttention: _strip_attention_pruner()},
-        after_prune=[_prune_value_dims, partial(_prune_grouped_streams, held=set(held)), _fix_widths],
+        after_prune=[_prune_value_dims, partial(_prune_grouped_streams, held=set(held))],
     )
     if classifiers:
         spec.notes.append('both classifiers (head, head_dist) keep their outputs')

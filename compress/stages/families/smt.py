@@ -123,15 +123,6 @@ def _fix_attention_heads(model: nn.Module, pruner) -> None:
                 attn.num_heads = pruner.num_heads[attn.q]
 
 
-def _fix_widths(model: nn.Module, pruner) -> None:
-    # width attributes read by reset_classifier / features_only
-    if isinstance(model, SMT):
-        for info, stage in zip(model.feature_info, model.stages):
-            info['num_chs'] = stage.norm.normalized_shape[0]
-        model.num_features = model.stages[-1].norm.normalized_shape[0]
-        model.head_hidden_size = model.num_features * model.global_pool.feat_mult()
-
-
 def pruning_spec(model: nn.Module):
     """What Torch-Pruning must be told about SMT (see the comment above). Call it on the model that is pruned."""
     from compress.stages.prune import PruningSpec  # the stage imports this package: import late
@@ -144,7 +135,7 @@ def pruning_spec(model: nn.Module):
         ignored_layers=[sam.mhmc for sam in sams],
         num_heads={layer: attn.num_heads for attn in attns for layer in (attn.q, attn.local_conv)},
         customized_pruners={MultiHeadMixedConv: _mhmc_pruner()},
-        after_prune=[_prune_sam_groups, _fix_attention_heads, _fix_widths],
+        after_prune=[_prune_sam_groups, _fix_attention_heads],
     )
     if sams:
         spec.notes += [
