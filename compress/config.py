@@ -168,15 +168,22 @@ class PtqInt8Stage:
     calib_images: int = field(default=300, metadata={'help': 'images from the calibration split'})
     transformer: bool | None = field(default=None, metadata={
         'help': 'NNCF model_type=TRANSFORMER; default: on when the model has attention'})
+    keep_float: list[str] = field(default_factory=list, metadata={
+        'help': 'x86_pt2e: module names left in float (a sensitive layer); the row lists them as float'})
 
     def __post_init__(self):
         if isinstance(self.backend, str):
             self.backend = [self.backend]
+        if isinstance(self.keep_float, str):
+            self.keep_float = [self.keep_float]
         _require(len(self.backend) > 0, 'backend', f'name at least one of {", ".join(PTQ_BACKENDS)}')
         for backend in self.backend:
             _require(backend in PTQ_BACKENDS, 'backend', f'{backend!r} is not one of {", ".join(PTQ_BACKENDS)}')
         _require(len(set(self.backend)) == len(self.backend), 'backend', 'lists a backend twice')
         _require(self.calib_images > 0, 'calib_images', 'must be positive')
+        # OpenVINO folds BatchNorm into the convolutions and renames them, so a module name cannot reach NNCF
+        _require(not self.keep_float or self.backend == ['x86_pt2e'], 'keep_float',
+                 'applies to backend x86_pt2e only; give it in a stage of its own with backend: x86_pt2e')
 
 
 IMPORTANCES = ('magnitude', 'group_norm', 'taylor', 'lamp', 'fpgm', 'random')

@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-__all__ = ['bootstrap_ci', 'paired_delta_ci', 'pack_bits', 'unpack_bits', 'median_ci']
+__all__ = ['bootstrap_ci', 'paired_delta_ci', 'mcnemar_exact', 'pack_bits', 'unpack_bits', 'median_ci']
 
 
 def bootstrap_ci(correct: np.ndarray, samples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -24,6 +24,27 @@ def paired_delta_ci(before: np.ndarray, after: np.ndarray, samples: int = 1000, 
     if before.shape != after.shape:
         raise ValueError('paired intervals need the same images before and after')
     return _mean_ci(after - before, samples, seed)
+
+
+def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> tuple[int, int, float]:
+    """Exact two-sided McNemar test of two 0/1 per-image vectors over the same images.
+
+    Only the images the two disagree on carry information: ``lost`` (right before, wrong after) and ``gained``.
+    Under "same accuracy" each disagreement falls either way with probability 1/2, so the p-value is the two-sided
+    binomial tail of ``min(lost, gained)`` among ``lost + gained``.
+
+    Returns:
+        (lost, gained, p-value); the p-value is 1.0 when they never disagree.
+    """
+    before = np.asarray(before, dtype=bool)
+    after = np.asarray(after, dtype=bool)
+    if before.shape != after.shape:
+        raise ValueError('a paired test needs the same images in both')
+    lost = int((before & ~after).sum())
+    gained = int((~before & after).sum())
+    disagreements = lost + gained
+    tail = sum(math.comb(disagreements, i) for i in range(min(lost, gained) + 1)) / 2 ** disagreements
+    return lost, gained, min(1.0, 2 * tail)
 
 
 def _mean_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:

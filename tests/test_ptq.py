@@ -35,6 +35,18 @@ def test_x86_pt2e_quantizes_all_weights(model_and_data):
     assert runner.size_mb() < 0.5 * TorchRunner(model, compiled=False, label='fp32').size_mb()
 
 
+def test_x86_pt2e_leaves_the_layers_a_recipe_names_in_float(model_and_data):
+    from compress.config import PtqInt8Stage, RecipeError
+    model, calib = model_and_data
+    first_conv = next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    coverage = weight_coverage(quantize_x86_pt2e(model, calib, [first_conv]))
+    assert coverage['layers']['float'] == [first_conv] and 0 < coverage['int8_weight_fraction'] < 1
+    with pytest.raises(RecipeError, match="keep_float: the model has no module 'nope'"):
+        quantize_x86_pt2e(model, calib, ['nope'])
+    with pytest.raises(RecipeError, match='keep_float: applies to backend x86_pt2e only'):
+        PtqInt8Stage(backend=['x86_pt2e', 'openvino'], keep_float=[first_conv])
+
+
 def test_openvino_quantizes_all_weights(model_and_data):
     model, calib = model_and_data
     ov_model, float_model = quantize_openvino(model, calib, nncf_settings(model, (3, 32, 32)))

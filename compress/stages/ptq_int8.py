@@ -21,12 +21,13 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from compress.config import PtqInt8Stage
+from compress.config import PtqInt8Stage, RecipeError
 from compress.data import calibration_batches
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
@@ -77,8 +78,16 @@ def nncf_settings(model: nn.Module, input_size, transformer: bool | None = None)
             'ignored_scope': list(scope) if scope else None}
 
 
-def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
-    """Export, prepare with X86InductorQuantizer, calibrate and convert; returns the int8 graph."""
+def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor], keep_float: Sequence[str] = ()
+                      ) -> torch.fx.GraphModule:
+    """Export, prepare with X86InductorQuantizer, calibrate and convert; returns the int8 graph. The modules named
+    in ``keep_float`` stay in float."""
+    modules = dict(model.named_modules())
+    for name in keep_float:
+        if name not in modules:
+            near = [n for n in modules if n and n.endswith(name.rsplit('.', 1)[-1])][:3]
+            raise RecipeError(f'keep_float: the model has no module {name!r}'
+                              + (f' (names look like {", ".join(near)})' if near else ''))
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -87,6 +96,8 @@ def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.G
     exported = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    for name in keep_float:
+        quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for images in calib:
@@ -158,7 +169,10 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         references = {}
         try:
             if backend == 'x86_pt2e':
-                artifact = quantize_x86_pt2e(deploy_model, calib)
+                artifact = quantize_x86_pt2e(deploy_model, calib, cfg.keep_float)
+                if cfg.keep_float:
+                    info['keep_float'] = list(cfg.keep_float)
+                    notes.append(f'left in float by the recipe: {", ".join(cfg.keep_float)}')
             elif backend == 'torchao_int8':
                 artifact, why_not = quantize_torchao_int8(deploy_model)
                 info['not_int8'] = [{'layer': name, 'why': why} for name, why in why_not.items()]
@@ -173,6 +187,8 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                 notes.append(f'nncf model_type {info["nncf"]["model_type"]} ({info["nncf"]["why"]})'
                              + (', family ignored scope' if info['nncf']['ignored_scope'] else ''))
             failed = None
+        except RecipeError:
+            raise
         except _NothingQuantized as nothing:
             artifact, failed = None, f'{backend} put no weight in int8: {nothing}'
         except Exception as error:  # capture or quantization failed: no int8 row, the reason is recorded

@@ -1,0 +1,164 @@
+"""The regression gate (`compress.check`) judged on a real record: ResNet-20 CIFAR int8, 10,000 test images."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from compress.check import Verdict, check_record, cpu_isa, default_metrics, load_reference, main
+from eval.stats import mcnemar_exact, pack_bits, unpack_bits
+
+RECORD = sorted(Path('results/runs/resnet20_cifar_int8').glob('*.json'))[-1]
+PT2E = 'ptq_int8[x86_pt2e]'
+
+
+@pytest.fixture
+def record():
+    return json.loads(RECORD.read_text())
+
+
+def _stage(record, name):
+    return next(stage for stage in record['stages'] if stage['name'] == name)
+
+
+def _entry(record, tmp_path):
+    """A reference entry made from the record itself, its record copied where the entry points."""
+    (tmp_path / 'ref').mkdir(exist_ok=True)
+    (tmp_path / 'ref' / RECORD.name).write_text(json.dumps(record))
+    count = record['data']['num_images']
+    rows = {stage['name']: default_metrics(stage, count) for stage in record['stages']
+            if 'metrics' in stage and stage['kind'] != 'reference'}
+    return {'recipe': 'recipes/resnet20_cifar_int8.yaml', 'isa': cpu_isa(record['env']), 'record': f'ref/{RECORD.name}',
+            'rows': rows}
+
+
+def _statuses(verdicts: list[Verdict]) -> dict:
+    return {(v.row, v.metric): v.status for v in verdicts}
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    before = np.ones(100, dtype=bool)
+    after = before.copy()
+    after[:5] = False  # 5 lost, 0 gained: 2 * 0.5**5
+    assert mcnemar_exact(before, after) == (5, 0, 0.0625)
+    after[5:7] = False
+    after[90:] = True
+    before[90:92] = False  # 7 lost, 2 gained: 2 * (1 + 9 + 36) / 512
+    lost, gained, p = mcnemar_exact(before, after)
+    assert (lost, gained) == (7, 2) and p == pytest.approx(92 / 512)
+    assert mcnemar_exact(before, before) == (0, 0, 1.0)
+
+
+def test_a_record_passes_against_itself(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    verdicts = check_record(record, entry, root=tmp_path)
+    statuses = _statuses(verdicts)
+    assert set(statuses.values()) == {'pass'}
+    # what the default entry gates for an int8 row
+    assert {metric for row, metric in statuses if row == PT2E} == {
+        'top1', 'top1_delta', 'size_mb', 'int8_weight_fraction', 'int4_weight_fraction', 'gmacs', 'params_m',
+        'speedup_fp32_bs1', 'speedup_fp32_bs32'}
+    paired = next(v for v in verdicts if v.row == PT2E and v.metric == 'top1')
+    assert paired.judged_by.startswith('paired: lost 0, gained 0, p=1')
+
+
+def test_paired_test_catches_a_drop_a_tolerance_of_half_a_point_misses(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    stage = _stage(record, PT2E)
+    count = record['data']['num_images']
+    correct = unpack_bits(stage['metrics']['correct1_bits'], count).copy()
+    right = np.flatnonzero(correct)
+    correct[right[:30]] = False  # 30 of 10,000 images lost, none gained: 0.3 points
+    stage['metrics']['correct1_bits'] = pack_bits(correct)
+    stage['metrics']['top1'] = round(100 * correct.mean(), 2)
+    verdict = next(v for v in check_record(record, entry, root=tmp_path) if v.row == PT2E and v.metric == 'top1')
+    assert verdict.status == 'FAIL' and 'lost 30, gained 0' in verdict.judged_by
+    assert abs(verdict.drift) == pytest.approx(0.3, abs=0.01)  # within a 0.5-point tolerance
+
+
+def test_an_improvement_fails_too_and_xfail_holds(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    entry['rows'][PT2E]['speedup_fp32_bs32']['tolerance'] = 0.1
+    _stage(record, PT2E)['metrics']['speedup_fp32_bs32'][0] += 0.5  # faster than accepted, unexplained
+    _stage(record, PT2E)['metrics']['int8_weight_fraction'] = 0.99  # one layer left in float
+    statuses = _statuses(check_record(record, entry, root=tmp_path))
+    assert statuses[(PT2E, 'speedup_fp32_bs32')] == 'FAIL'
+    assert statuses[(PT2E, 'int8_weight_fraction')] == 'FAIL'
+    entry['rows'][PT2E]['int8_weight_fraction']['xfail'] = 'known: one layer float'
+    assert _statuses(check_record(record, entry, root=tmp_path))[(PT2E, 'int8_weight_fraction')] == 'xfail'
+
+
+def test_a_missing_row_fails_unless_it_is_an_xfail(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    broken = copy.deepcopy(record)
+    stage = _stage(broken, 'ptq_int8[openvino]')
+    del stage['metrics']
+    stage['reason'] = 'the OpenVINO CPU plugin cannot compile the int8 model'
+    verdicts = check_record(broken, entry, root=tmp_path)
+    assert [v.status for v in verdicts if v.row == 'ptq_int8[openvino]'] == ['FAIL']
+    entry['rows']['ptq_int8[openvino]'] = {'xfail': 'plugin bug'}
+    assert [v.status for v in check_record(broken, entry, root=tmp_path) if v.row == 'ptq_int8[openvino]'] == ['xfail']
+
+
+def test_speed_is_not_judged_when_the_timing_control_failed(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    record['timing']['noisy'] = True
+    _stage(record, PT2E)['metrics']['speedup_fp32_bs32'][0] = 9.9
+    assert _statuses(check_record(record, entry, root=tmp_path))[(PT2E, 'speedup_fp32_bs32')] == 'unjudged'
+
+
+def test_cli_exit_codes_and_one_line_errors(record, tmp_path, capsys):
+    entry = _entry(record, tmp_path)
+    reference = tmp_path / 'reference.yaml'
+    reference.write_text(yaml.safe_dump({'alpha': 0.01, 'entries': [entry]}))
+    good = tmp_path / 'good.json'
+    good.write_text(json.dumps(record))
+    assert main([str(good), '--reference', str(reference)]) == 0
+    _stage(record, PT2E)['metrics']['int8_weight_fraction'] = 0.95
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps(record))
+    assert main([str(bad), '--reference', str(reference)]) == 1
+    out = capsys.readouterr().out
+    assert 'FAILED: 1 regression(s)' in out and 'int8_weight_fraction' in out
+    # bad input: exit 2, one line naming the file
+    for argv, words in (([str(good), '--reference', str(tmp_path / 'none.yaml')], 'none.yaml: no reference file'),
+                        ([str(tmp_path / 'none.json'), '--reference', str(reference)], 'none.json: not a readable'),
+                        ([str(good), '--reference', str(reference), '--update'], '--update needs --why'),
+                        ([str(good), '--reference', str(reference), '--update', '--why', 'x'], 'uncommitted code')):
+        record_dirty = json.loads(good.read_text())
+        record_dirty['git_hash'] = 'abc-dirty'
+        good.write_text(json.dumps(record_dirty))
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_reference_file_is_validated(tmp_path):
+    path = tmp_path / 'reference.yaml'
+    path.write_text('entries:\n- recipe: r.yaml\n  isa: avx2\n  rows:\n    baseline:\n      top1: {value: 80}\n')
+    with pytest.raises(ValueError, match=r'entries.0.rows.baseline.top1: needs a tolerance'):
+        load_reference(path)
+    path.write_text('alpha: 0.01\nentrys: []\n')
+    with pytest.raises(ValueError, match="unknown key 'entrys'"):
+        load_reference(path)
+
+
+def test_update_writes_values_keeps_tolerances_and_notes_why(record, tmp_path):
+    entry = _entry(record, tmp_path)
+    entry['rows'][PT2E]['size_mb']['tolerance'] = 0.123
+    reference = tmp_path / 'reference.yaml'
+    reference.write_text('# accepted values\n' + yaml.safe_dump({'alpha': 0.01, 'entries': [entry]}))
+    record['git_hash'] = 'abcdef123456'
+    record['recipe']['name'] = 'resnet20_cifar_int8'
+    _stage(record, PT2E)['metrics']['size_mb'] = 0.5
+    new = tmp_path / 'new.json'
+    new.write_text(json.dumps(record))
+    assert main([str(new), '--reference', str(reference), '--update', '--why', 'new calibration']) == 0
+    text = reference.read_text()
+    assert text.startswith('# accepted values')
+    updated = yaml.safe_load(text)['entries'][0]
+    assert updated['rows'][PT2E]['size_mb'] == {'value': 0.5, 'tolerance': 0.123}
+    assert updated['updated']['commit'] == 'abcdef123456' and updated['updated']['why'] == 'new calibration'
+    assert (tmp_path / updated['record']).is_file()
