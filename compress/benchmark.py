@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--complexity-only', action='store_true',
                         help='params and GMACs (next to the papers\' figures) without timing anything')
     parser.add_argument('--json', help='also write the rows, with git hash, date, environment and load, to this file')
-    parser.add_argument('--from-json', help='print the table of rows saved by --json, measuring nothing')
+    parser.add_argument('--from-json', nargs='+', metavar='FILE',
+                        help='print the table of rows saved by --json (several files: one table), measuring nothing')
     parser.add_argument('--columns', nargs='+', help='print only these columns (names as in the JSON rows)')
     parser.add_argument('--readme', help='with --from-json: also write the table into this Markdown file, between '
                                          'the lines <!-- benchmark: FILE --> and <!-- end of benchmark: FILE -->')
@@ -240,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 3:
         print('error: --rounds: at least 3 (6 or more for a 95 % interval)', file=sys.stderr)
         return 2
-    rows, meta = [], {}
-    if args.from_json:
+    rows, metas = [], []
+    for path in args.from_json or []:
         try:
-            with open(args.from_json) as handle:
+            with open(path) as handle:
                 saved = json.load(handle)
-            rows, meta = saved['rows'], {**saved['meta'], 'file': args.from_json}
+            rows, metas = rows + saved['rows'], metas + [{**saved['meta'], 'file': path}]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            print(f'error: --from-json: cannot read {args.from_json} ({type(error).__name__}: {error}); give a file '
+            print(f'error: --from-json: cannot read {path} ({type(error).__name__}: {error}); give a file '
                   f'written by --json', file=sys.stderr)
             return 2
     if args.readme and not args.from_json:
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     command = portable_command(argv if argv is not None else sys.argv[1:], args.json)
-    meta = meta or {'command': command, 'git_hash': git_hash(),
-                    'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'env': environment()}
+    meta = {'command': command, 'git_hash': git_hash(),
+            'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'env': environment()}
     for name in args.models:
         for ratio in ([] if args.pruned_only and args.prune else [None]) + args.prune:
             row = benchmark_model(name, args.batch, args.threads, args.input_size, args.backends, args.rounds,
@@ -268,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.readme:
         from eval.tables import replace_block
-        replace_block(Path(args.readme), f'<!-- benchmark: {args.from_json} -->',
-                      f'<!-- end of benchmark: {args.from_json} -->', f'{table}\n\n{_provenance(meta)}')
+        files = ' + '.join(args.from_json)
+        provenance = '\n\n'.join(_provenance(saved_meta) for saved_meta in metas)
+        replace_block(Path(args.readme), f'<!-- benchmark: {files} -->', f'<!-- end of benchmark: {files} -->',
+                      f'{table}\n\n{provenance}')
     if args.json:
         meta['load_after'] = environment()['load_average']
         with open(args.json, 'w') as handle:

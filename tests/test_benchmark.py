@@ -92,6 +92,14 @@ def test_saved_table_goes_into_the_readme_between_its_markers(tmp_path, capsys):
     assert '| m       | 1.00 [1.00, 1.00] |' in text
     assert f'Generated from `{rows}`, written by `python -m compress.benchmark m` at git abc123 on 2026-11-30' in text
     assert 'load average [1.0, 1.0, 1.0] before, [1.5, 1.1, 1.0] after' in text
+    # two files, one table: every row, and each file's provenance line
+    meta['git_hash'] = 'def456'
+    (tmp_path / 'more.json').write_text(json.dumps({'meta': meta, 'rows': [{'model': 'n', 'aa_bs32': [1, 1, 1]}]}))
+    both = f'{rows} + {tmp_path / "more.json"}'
+    readme.write_text(f'<!-- benchmark: {both} -->\n<!-- end of benchmark: {both} -->\n')
+    assert main(['--from-json', rows, str(tmp_path / 'more.json'), '--readme', str(readme)]) == 0
+    text = readme.read_text()
+    assert '| m ' in text and '| n ' in text and 'at git abc123' in text and 'at git def456' in text
     assert main(['test_resnet_cifar', '--readme', str(readme)]) == 2  # measuring and writing the README: refused
     assert 'pass --from-json FILE too' in capsys.readouterr().err
 
