@@ -140,7 +140,13 @@ class OpenVINORunner:
             info = op.get_rt_info()
             if info['layerType'].astype(str) in ('Convolution', 'GroupConvolution', 'FullyConnected', 'MatMul',
                                                  'Deconvolution'):
-                by_precision.setdefault(info['runtimePrecision'].astype(str), []).append(op.get_friendly_name())
+                precision = info['runtimePrecision'].astype(str)
+                # int8 weights under a float kernel (e.g. a matmul whose input the plugin could not take quantized)
+                # report the weights' precision here; the kernel's name ends in the precision it computes in
+                kernel = info['primitiveType'].astype(str).lower() if 'primitiveType' in info else ''
+                if precision in ('i8', 'u8') and kernel.endswith(('_f32', '_bf16', '_f16')):
+                    precision = kernel.rsplit('_', 1)[1]
+                by_precision.setdefault(precision, []).append(op.get_friendly_name())
         return by_precision
 
 

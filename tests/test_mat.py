@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import compress.models.mat  # noqa: F401  (registers the entrypoints)
 import timm.models._features
+from compress.deploy import deploy_form
 from compress.models.mat import MAT, BilinearPatchEmbed, MATAttention, checkpoint_filter_fn
 from eval.complexity import count_macs, count_params
 from pruned_models import check_pruned_model_runs
@@ -387,6 +388,37 @@ def test_forward_train_backward():
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert all('offset_dw' in n for n in missing)
 
+
+
+@pytest.mark.parametrize('size', [64, 80])  # exact windows / padded windows in stages 3 and 4
+def test_deploy_form_is_the_same_function(size):
+    model = _randomize(timm.create_model('test_mat')).double().eval()
+    deploy = deploy_form(model)
+    attns = [m for m in deploy.modules() if isinstance(m, MATAttention)]
+    # the abstract token lives on as its q / k / v row (still a parameter, for QAT on the deploy form)
+    assert all(a.abstract_token is None and a.token_qkv.shape == (1, 1, a.qkv.out_features) for a in attns)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-12, atol=1e-12)
+        for a in attns:
+            a.fused_attn = not a.fused_attn
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_openvino_int8_runs_every_matmul_in_int8():
+    # the qkv input used to be a concat of quantized image tokens and the float abstract token, which the CPU plugin
+    # ran as a float matmul with int8 weights; in the deploy form qkv reads the image tokens alone
+    from compress.stages.ptq_int8 import nncf_settings, quantize_openvino
+    from eval.runtimes import OpenVINORunner
+    model = deploy_form(_randomize(timm.create_model('test_mat')).eval())
+    settings = nncf_settings(model, (3, 64, 64))
+    assert (settings['model_type'], settings['preset'], settings['smooth_quant']) == ('transformer', 'performance',
+                                                                                     False)
+    int8, _ = quantize_openvino(model, [torch.randn(4, 3, 64, 64) for _ in range(2)], settings)
+    linears = {name: precision for precision, names in OpenVINORunner(int8, 'int8').runtime_precisions().items()
+               for name in names if 'aten::linear' in name}
+    assert sum('attn.qkv' in name for name in linears) == 2 + 2  # stages 3 and 4
+    assert {name: p for name, p in linears.items() if p not in ('i8', 'u8')} == {}
 
 def test_classifier_and_optimizer_groups():
     model = timm.create_model('test_mat', num_classes=7)

@@ -176,6 +176,8 @@ class MATAttention(nn.Module):
             self.fuse_kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
         else:
             self.abstract_token = None
+        self.mix_abstract_tokens = mix_abstract_tokens
+        self.token_qkv = None  # deploy form (`reparameterize`): the abstract token's q / k / v
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -184,6 +186,19 @@ class MATAttention(nn.Module):
         """Recompute the relative position index (after `to_empty` from the meta device)."""
         if self.relative_position_bias_table is not None:
             self.relative_position_index.copy_(relative_position_index(self.window_size))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Deploy form: the abstract token's q / k / v row, the same in every window, computed once.
+
+        `qkv` then reads the image tokens alone, one tensor that an int8 backend quantizes as a whole (OpenVINO kept
+        `qkv` in float while its input was a concat of the quantized tokens and the float abstract token). The row
+        stays a parameter, so QAT on the deploy form still trains it.
+        """
+        if self.abstract_token is None:
+            return
+        self.token_qkv = nn.Parameter(self.qkv(self.abstract_token))
+        self.abstract_token = None
 
     def _window_bias(self, with_token: bool) -> Optional[torch.Tensor]:
         if self.relative_position_bias_table is None:
@@ -215,16 +230,19 @@ class MATAttention(nn.Module):
         grid_h, grid_w = (H + pad_h) // ws, (W + pad_w) // ws
         num_windows = grid_h * grid_w
         x = x.reshape(B, grid_h, ws, grid_w, ws, C).transpose(2, 3).reshape(B * num_windows, ws * ws, C)
-        with_token = self.abstract_token is not None
-        if with_token:
+        with_token = self.mix_abstract_tokens
+        if self.abstract_token is not None:
             x = torch.cat([self.abstract_token.expand(x.shape[0], -1, -1), x], dim=1)
-        num_tokens = x.shape[1]
+        qkv = self.qkv(x)
+        if self.token_qkv is not None:
+            qkv = torch.cat([self.token_qkv.expand(qkv.shape[0], -1, -1), qkv], dim=1)
+        num_tokens = qkv.shape[1]
 
         # token abstraction: window self-attention, the abstract token (index 0) attends to its window and back
         # q / k / v are split before the heads, so each comes out of the unbind with one reader (q is read twice,
         # by this attention and the fusion): graph tracers such as structured pruners size unbind chunks by readers
         q, k, v = (t.reshape(-1, num_tokens, self.num_heads, head_dim).transpose(1, 2)
-                   for t in self.qkv(x).reshape(-1, num_tokens, 3, width).permute(2, 0, 1, 3).unbind(0))
+                   for t in qkv.reshape(-1, num_tokens, 3, width).permute(2, 0, 1, 3).unbind(0))
         x = _attend(q, k, v, self._window_bias(with_token), self.fused_attn, self.attn_drop)  # B*N_w, h, n, d
 
         if with_token:

@@ -73,9 +73,11 @@ def nncf_settings(model: nn.Module, input_size, transformer: bool | None = None)
                'no activation x activation products (a convolutional network)')
     else:
         why = 'set by the recipe (transformer)'
-    scope = rules_for(model).nncf_ignored_scope
+    rules = rules_for(model)
+    scope = rules.nncf_ignored_scope
     return {'model_type': 'transformer' if transformer else 'default', 'why': why,
-            'ignored_scope': list(scope) if scope else None}
+            'ignored_scope': list(scope) if scope else None,
+            'preset': rules.nncf_preset, 'smooth_quant': rules.nncf_smooth_quant}
 
 
 def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor], keep_float: Sequence[str] = ()
@@ -120,6 +122,15 @@ def quantize_openvino(model: nn.Module, calib: list[torch.Tensor], settings: dic
         kwargs['model_type'] = nncf.ModelType.TRANSFORMER
     if settings['ignored_scope']:
         kwargs['ignored_scope'] = nncf.IgnoredScope(patterns=settings['ignored_scope'], validate=False)
+    if settings.get('preset'):
+        kwargs['preset'] = nncf.QuantizationPreset(settings['preset'])
+    if settings.get('smooth_quant') is False:
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters, AdvancedSmoothQuantParameters,
+        )
+        # a negative alpha is NNCF's switch for "no SmoothQuant" on that op type
+        kwargs['advanced_parameters'] = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
     # NNCF counts dataset items, and each item here is a batch
     quantized = nncf.quantize(float_model.clone(), dataset, subset_size=len(calib),
                               target_device=nncf.TargetDevice.CPU, **kwargs)
@@ -184,8 +195,12 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
                 info['nncf'] = nncf_settings(deploy_model, ctx.input_size, cfg.transformer)
                 artifact, float_ov = quantize_openvino(deploy_model, calib, info['nncf'])
                 references['openvino fp32'] = float_ov
+                family = [what for what, given in (('ignored scope', info['nncf']['ignored_scope']),
+                                                   (f'preset {info["nncf"]["preset"]}', info['nncf']['preset']),
+                                                   ('no SmoothQuant', info['nncf']['smooth_quant'] is False))
+                          if given]
                 notes.append(f'nncf model_type {info["nncf"]["model_type"]} ({info["nncf"]["why"]})'
-                             + (', family ignored scope' if info['nncf']['ignored_scope'] else ''))
+                             + ''.join(f', family {what}' for what in family))
             failed = None
         except RecipeError:
             raise
