@@ -358,7 +358,8 @@ def _noise(entries: list[dict], repeats: int, out: Path, extra: list[str]) -> tu
                              'paired' if tolerance is None else tolerance])
     print(tabulate(rows, headers=['gate', 'row', 'metric', 'min', 'max', 'spread', 'suggested tolerance'],
                    tablefmt='github', disable_numparse=True))
-    print(f'\n{repeats} runs per gate, records under {out}')
+    commits = sorted({record.get('git_hash') or '?' for record in firsts})
+    print(f'\n{repeats} runs per gate, at git {", ".join(commits)}')
     return firsts, suggested
 
 
@@ -403,7 +404,9 @@ def _main(args) -> int:
             recipes[load_recipe(recipe, args.set).name] = (recipe, list(args.set))
         except RecipeError as error:
             raise GateError(f'{recipe}: {error}') from None
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix='compress-check-'))
+    out = Path(args.out) if args.out else None
+    if out is None and (args.noise or (not args.records and (args.run or args.recipe))):
+        out = Path(tempfile.mkdtemp(prefix='compress-check-'))
     if args.noise:
         if args.records or args.recipe:
             raise GateError('--noise runs the gated recipes itself: give neither records nor --recipe')
@@ -416,7 +419,8 @@ def _main(args) -> int:
     elif args.run or args.recipe:
         records = []
         seen = set()
-        todo = [(e['recipe'], list(e.get('overrides') or [])) for e in entries] + list(recipes.values())
+        # adding a recipe runs only that one: the gates already accepted keep their reference
+        todo = list(recipes.values()) or [(e['recipe'], list(e.get('overrides') or [])) for e in entries]
         for recipe, overrides in todo:
             if (recipe, tuple(overrides)) in seen:
                 continue  # one entry per ISA may name the same recipe: it runs once
