@@ -84,7 +84,7 @@ class DataConfig:
     image_key: str = 'image'
     label_key: str = 'label'
     max_eval: int | None = field(default=None, metadata={
-        'help': 'evaluate on the first N images only (a deterministic subset; recorded in the record)'})
+        'help': 'evaluate on a fixed random subset of N images (the same for every run and seed; recorded)'})
     max_train: int | None = field(default=None, metadata={'help': 'train on a fixed random subset of N images'})
     batch_size: int = 32
     workers: int = 2

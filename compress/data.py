@@ -214,14 +214,13 @@ class DataBundle:
     data_config: dict | None = None
 
 
-def _deterministic_subset(dataset: Dataset, count: int | None, seed: int, shuffle: bool) -> Dataset:
+def _deterministic_subset(dataset: Dataset, count: int | None, seed: int, in_order: bool) -> Dataset:
+    # a random draw, not the first N: data sets stored sorted by class (CIFAR-10's parquet, image folders) would
+    # otherwise give N images of the first few classes
     if count is None or count >= len(dataset):
         return dataset
-    if shuffle:
-        indices = np.random.default_rng(seed).permutation(len(dataset))[:count].tolist()
-    else:
-        indices = list(range(count))
-    return Subset(dataset, indices)
+    indices = np.random.default_rng(seed).permutation(len(dataset))[:count]
+    return Subset(dataset, sorted(indices.tolist()) if in_order else indices.tolist())
 
 
 def build_datasets(cfg: DataConfig, need_calib: bool, need_train: bool, seed: int = 0) -> DataBundle:
@@ -250,9 +249,10 @@ def build_datasets(cfg: DataConfig, need_calib: bool, need_train: bool, seed: in
         train = HFImages(loaded[cfg.train_split], cfg.image_key, cfg.label_key) if need_train else None
         name, eval_split = Path(os.path.abspath(cfg.root)).name if Path(cfg.root).exists() else cfg.root, \
             cfg.eval_split
-    eval_set = _deterministic_subset(eval_set, cfg.max_eval, seed, shuffle=False)
+    # the evaluation subset does not follow the recipe's seed: every run of a recipe family sees the same images
+    eval_set = _deterministic_subset(eval_set, cfg.max_eval, 0, in_order=True)
     if train is not None:
-        train = _deterministic_subset(train, cfg.max_train, seed, shuffle=True)
+        train = _deterministic_subset(train, cfg.max_train, seed, in_order=False)
     return DataBundle(name, num_classes, eval_set, calib, train, eval_split)
 
 
@@ -315,5 +315,5 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool =
 
 def calibration_batches(dataset: Dataset, count: int, batch_size: int, workers: int, seed: int = 0):
     """The first ``count`` images of a fixed shuffle of the calibration set, as image batches."""
-    subset = _deterministic_subset(dataset, count, seed, shuffle=True)
+    subset = _deterministic_subset(dataset, count, seed, in_order=False)
     return [images for images, _, _ in make_loader(subset, batch_size, workers)]
