@@ -278,6 +278,14 @@ def _print(verdicts: list[Verdict]) -> None:
     print(f'\n{"FAILED" if failed else "passed"}: {failed} regression(s); {summary}')
 
 
+def _new_entry(record: dict, recipe: str, overrides: list[str]) -> dict:
+    """A reference entry for a recipe not yet under the gate: every row of its record with the default values."""
+    count = record['data']['num_images']
+    rows = {stage['name']: default_metrics(stage, count) for stage in record['stages']
+            if 'metrics' in stage and stage.get('kind') != 'reference'}
+    return {'recipe': recipe, 'overrides': list(overrides), 'isa': cpu_isa(record['env']), 'rows': rows}
+
+
 def _update(reference: dict, path: Path, records: list[dict], why: str, recipes: dict[str, tuple[str, list]],
             tolerances: dict | None = None) -> None:
     """Write the records' values into the reference (tolerances, judges and xfails kept), copy the records under
@@ -294,12 +302,7 @@ def _update(reference: dict, path: Path, records: list[dict], why: str, recipes:
             if name not in recipes:
                 raise GateError(f'{record["_path"]}: no entry for recipe {name} on {cpu_isa(record["env"])}; give '
                                 f'--recipe with the recipe file to add one')
-            recipe, overrides = recipes[name]
-            entry = {'recipe': recipe, 'overrides': overrides, 'isa': cpu_isa(record['env']), 'rows': {}}
-            count = record['data']['num_images']
-            for stage in record['stages']:
-                if 'metrics' in stage and stage.get('kind') not in ('reference',):
-                    entry['rows'][stage['name']] = default_metrics(stage, count)
+            entry = _new_entry(record, *recipes[name])
             reference.setdefault('entries', []).append(entry)
         stages = {stage['name']: stage for stage in record['stages']}
         for row, rules in entry['rows'].items():
@@ -340,6 +343,8 @@ def _noise(entries: list[dict], repeats: int, out: Path, extra: list[str]) -> tu
             records.append(_read_record(_run_recipe(entry['recipe'], list(entry.get('overrides') or []) + extra,
                                                     out)))
         firsts.append(records[0])
+        if entry.get('rows') is None:  # a recipe new to the gate: its rows and starting tolerances from its first run
+            entry.update(_new_entry(records[0], entry['recipe'], entry.get('overrides') or []))
         for row, rules in (entry.get('rows') or {}).items():
             for metric, rule in rules.items():
                 if metric == 'xfail':
@@ -408,10 +413,13 @@ def _main(args) -> int:
     if out is None and (args.noise or (not args.records and (args.run or args.recipe))):
         out = Path(tempfile.mkdtemp(prefix='compress-check-'))
     if args.noise:
-        if args.records or args.recipe:
-            raise GateError('--noise runs the gated recipes itself: give neither records nor --recipe')
-        firsts, suggested = _noise(entries, args.noise, out, args.set)
+        if args.records:
+            raise GateError('--noise runs the gated recipes itself: give no records')
+        new = [{'recipe': recipe, 'overrides': overrides, 'rows': None} for recipe, overrides in recipes.values()]
+        firsts, suggested = _noise(new or entries, args.noise, out, args.set)
         if args.update:
+            reference.setdefault('entries', []).extend(
+                {**entry, 'isa': cpu_isa(record['env'])} for entry, record in zip(new, firsts))
             _update(reference, path, firsts, args.why, recipes, suggested)
         return 0
     if args.records:

@@ -162,3 +162,39 @@ def test_update_writes_values_keeps_tolerances_and_notes_why(record, tmp_path):
     assert updated['rows'][PT2E]['size_mb'] == {'value': 0.5, 'tolerance': 0.123}
     assert updated['updated']['commit'] == 'abcdef123456' and updated['updated']['why'] == 'new calibration'
     assert (tmp_path / updated['record']).is_file()
+
+
+TINY_GATE = """
+name: tiny_gate
+seed: 0
+model: {name: test_resnet_cifar}
+data: {source: synthetic, synthetic_train: 256, synthetic_eval: 200, synthetic_calib: 64, batch_size: 32, workers: 0,
+       train_augment: none}
+stages:
+  - {kind: train, epochs: 1, lr: 0.01}
+  - {kind: ptq_int8, backend: [x86_pt2e], calib_images: 64}
+eval: {throughput: false, bf16: false, eager: false, bootstrap: 100}
+"""
+
+
+@pytest.mark.slow
+def test_a_labs_own_gate_in_three_commands(tmp_path, capsys):
+    """README's user flow: a recipe put under the gate from two runs, then checked as CI would; a layer left in
+    float fails it."""
+    from compress.record import git_hash
+    if (git_hash() or '-dirty').endswith('-dirty'):
+        pytest.skip('the reference takes records of committed code only: run on a clean checkout (CI does)')
+    recipe = tmp_path / 'tiny_gate.yaml'
+    recipe.write_text(TINY_GATE)
+    reference = tmp_path / 'gate' / 'reference.yaml'
+    reference.parent.mkdir()
+    common = ['--reference', str(reference), '--out', str(tmp_path / 'runs')]
+    assert main(['--noise', '2', '--update', '--recipe', str(recipe), '--why', 'first reference', *common]) == 0
+    entry = yaml.safe_load(reference.read_text())['entries'][0]
+    assert entry['updated']['why'] == 'first reference' and (reference.parent / entry['record']).is_file()
+    assert entry['rows']['ptq_int8[x86_pt2e]']['int8_weight_fraction'] == {'value': 1.0, 'tolerance': 0.0}
+    capsys.readouterr()
+    assert main(['--run', *common]) == 0
+    assert main(['--run', '--set', 'stages.1.keep_float=[conv1]', *common]) == 1
+    out = capsys.readouterr().out
+    assert 'FAILED' in out and 'int8_weight_fraction' in out
