@@ -129,6 +129,9 @@ def test_filters_name_cells_of_the_study(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith('tiny_resnet__prune: todo\n') and out.count(': todo') == 1
     assert 'compress/run.py recipes/tiny/study_cell.yaml' in out and 'name=tiny_resnet__prune' in out
+    launched = _study(tmp_path, 'launched.yaml', launcher='accelerate', launch_args=['--num_processes', '1', '--cpu'])
+    assert main([str(launched), '--models', 'tiny_resnet', '--recipes', 'dense', '--dry-run']) == 0
+    assert '-m accelerate.commands.launch --num_processes 1 --cpu ' in capsys.readouterr().out
     assert main([str(study), '--models', 'resnet50']) == 2
     assert 'error: --models: resnet50 not in the study' in capsys.readouterr().err
     assert not (tmp_path / 'runs').exists()
