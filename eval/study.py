@@ -101,8 +101,8 @@ class Cell:
 def _entry(cls, value, key: str):
     if value is None:
         value = {}
-    if cls is RecipeEntry and isinstance(value, str):
-        value = {'recipe': value}
+    if isinstance(value, str):  # a model's timm name, or a recipe file, with nothing to override
+        value = {'recipe' if cls is RecipeEntry else 'name': value}
     if not isinstance(value, dict):
         raise RecipeError(f'{key}: expected a mapping ({", ".join(cls.__dataclass_fields__)}), got {value!r}')
     return _build(cls, value, key)
