@@ -133,6 +133,8 @@ def study_points(records: list[dict], cells: dict[str, dict] | None = None) -> t
                 continue
             points.append(Point(model, method, cell_id, row, stage.get('backend') or 'torch', stage['metrics'],
                                 baseline, record))
+    models = list(dict.fromkeys(p.model for p in points))
+    points.sort(key=lambda p: models.index(p.model))  # stable: a model's methods together, in the study's order
     return points, notes
 
 
@@ -414,7 +416,8 @@ def _accuracy_figure(points: list[Point], x_of, xlabel: str, stem: str, out: Pat
     handles.append(Line2D([], [], color='black', linestyle='--', marker='o', markerfacecolor='none',
                           label='Pareto front'))
     ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.text(0.0, -0.02, caption, fontsize=7, ha='left', va='top', wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.text(0.01, 0.01, caption, fontsize=7, ha='left', va='bottom', wrap=True)
     paths = _save(fig, out, stem)
     plt.close(fig)
     return paths
@@ -453,13 +456,17 @@ def _speedup_figure(points: list[Point], backend: str, batches: list[int], out: 
         ax.set_xticklabels(models, rotation=45, ha='right', fontsize=7)
         ax.set_title(f'batch {batch}', fontsize=9)
         ax.grid(True, axis='y', alpha=0.3)
+    from matplotlib.patches import Patch
     axes[0][0].set_ylabel('speedup over fp32 compiled (×)')
-    axes[0][-1].legend(fontsize=7, frameon=False, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    # plain patches: a hatched first bar would make the legend claim every bar of that method was noisy
+    axes[0][-1].legend(handles=[Patch(color=colors(j % 10), label=m) for j, m in enumerate(methods)], fontsize=7,
+                       frameon=False, loc='center left', bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f'{BACKEND_NAMES.get(backend, backend)}: speedup over the fp32 baseline (torch.compile), timed in '
                  f'the same session', fontsize=9)
-    fig.text(0.0, -0.02, 'Bars: median of per-round CPU-time ratios; error bars: its 95 % interval; hatched: the '
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.text(0.01, 0.01, 'Bars: median of per-round CPU-time ratios; error bars: its 95 % interval; hatched: the '
                          "session's A/A control was outside tolerance. 1.0 = the cell's own fp32 baseline.",
-             fontsize=7, ha='left', va='top')
+             fontsize=7, ha='left', va='bottom', wrap=True)
     paths = _save(fig, out, f'speedup_{_slug(backend)}')
     plt.close(fig)
     return paths
@@ -523,7 +530,8 @@ def write_report(runs: str | Path, out: str | Path, cells=None, title: str | Non
     out.mkdir(parents=True, exist_ok=True)
     points, notes = study_points(records, manifest)
     missing = [cell_id for cell_id in manifest if cell_id not in {r['recipe']['name'] for r in records}]
-    notes += [f'{cell_id}: no record yet' for cell_id in missing]
+    if missing:
+        notes.append(f'no record yet ({len(missing)} of {len(manifest)} cells): {", ".join(missing)}')
     paths = _write_table(points, records, notes, out, title or runs.name, description)
     paths += write_tables(records, out, stem='cells')
     figures, skipped = write_figures(points, out)
