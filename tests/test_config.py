@@ -2,12 +2,15 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from compress.config import RecipeError, check_inputs, load_recipe
 from compress.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / 'recipes').rglob('*.yaml'))
+# studies (grids of recipes, tests/test_study.py) live next to the recipes they name
+RECIPES = [path for path in sorted((ROOT / 'recipes').rglob('*.yaml'))
+           if not {'models', 'grids'} & set(yaml.safe_load(path.read_text()) or {})]
 
 
 @pytest.mark.parametrize('path', RECIPES, ids=[p.stem for p in RECIPES])

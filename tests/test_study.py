@@ -122,6 +122,22 @@ def test_a_bad_study_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsy
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('study', ['recipes/studies/seed_backbones.yaml', 'recipes/studies/accuracy.yaml',
+                                   'recipes/tiny/study.yaml'])
+def test_shipped_studies_validate(study, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    _, cells, _ = load_study(study)
+    assert len({cell.id for cell in cells}) == len(cells) and all(cell.config is not None for cell in cells)
+    if study.endswith('seed_backbones.yaml'):
+        import timm
+
+        import compress.models
+        seeds = {name for family in compress.models.SEED_FAMILIES for name in timm.list_models(module=family)
+                 if not name.startswith('test_')}
+        assert seeds < {cell.config.model.name for cell in cells}  # every registered seed variant
+        assert {c.config.model.name for c in cells if c.recipe == 'dense'} == {c.config.model.name for c in cells}
+
+
 def test_filters_name_cells_of_the_study(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     study = _study(tmp_path)
