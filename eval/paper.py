@@ -33,7 +33,7 @@ from tabulate import tabulate
 from compress.config import RecipeError
 from eval.tables import load_records, paired_top1_delta, write_tables
 
-__all__ = ['Point', 'pareto_front', 'fronts', 'study_points', 'write_report', 'main']
+__all__ = ['Point', 'pareto_front', 'fronts', 'study_points', 'write_report', 'print_report', 'main']
 
 SUBSET_MARK = '†'
 PARTIAL_MARK = '‡'
@@ -553,8 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     manifest_path = Path(args.runs) / 'study.json'
     title = args.title or (json.loads(manifest_path.read_text()).get('study') if manifest_path.is_file() else None)
+    return print_report(args.runs, args.out, title=title)
+
+
+def print_report(runs, out, **options) -> int:
+    """Write the report and print the path of every file written; a problem is one line and exit code 2."""
     try:
-        paths = write_report(args.runs, args.out, title=title)
+        paths = write_report(runs, out, **options)
     except RecipeError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

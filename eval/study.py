@@ -377,16 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 2
     if args.report is not None:
-        from eval.paper import write_report
+        from eval.paper import print_report
         out = Path(args.report or study.report or f'results/studies/{study.name}')
-        try:
-            paths = write_report(runs, out, cells=all_cells, title=study.name, description=study.description)
-        except RecipeError as error:
-            print(f'error: {error}', file=sys.stderr)
-            return 2
-        for path in paths:
-            print(path)
-        return 0
+        return print_report(runs, out, cells=all_cells, title=study.name, description=study.description)
     if args.dry_run:
         for cell in cells:
             status, record = cell_status(cell, runs)
