@@ -411,7 +411,9 @@ def _main(args) -> int:
             raise GateError(f'{recipe}: {error}') from None
     out = Path(args.out) if args.out else None
     if out is None and (args.noise or (not args.records and (args.run or args.recipe))):
-        out = Path(tempfile.mkdtemp(prefix='compress-check-'))
+        # records that may become references keep the folder they were written to: a relative one names no machine
+        out = (Path(os.path.relpath(tempfile.mkdtemp(prefix='.compress-check-', dir='.'))) if args.update
+               else Path(tempfile.mkdtemp(prefix='compress-check-')))
     if args.noise:
         if args.records:
             raise GateError('--noise runs the gated recipes itself: give no records')
