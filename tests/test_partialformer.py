@@ -239,6 +239,53 @@ def test_export_keeps_the_ranking_ops():
     assert {'aten.topk.default', 'aten.gather.default', 'aten.scatter.src'} <= ops
 
 
+def test_deploy_form_is_the_same_function():
+    # fuse() stores the abstract token's q / k / v (a function of weights only); keys and logits unchanged
+    from timm.models import reparameterize_model
+    torch.manual_seed(0)
+    model = timm.create_model('test_partialformer').double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and abstract tokens away from their init
+    keys = set(model.state_dict())
+    deploy = reparameterize_model(model)
+    attns = [m for m in deploy.modules() if isinstance(m, PartialAttention)]
+    assert len(attns) == 5 and all(a.abstract_qkv is not None for a in attns)
+    assert all(m.abstract_qkv is None for m in model.modules() if isinstance(m, PartialAttention))
+    assert set(deploy.state_dict()) == keys
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        assert ref.abs().max() > 1e-2
+        torch.testing.assert_close(deploy(x), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_pt2e_int8_runs_every_linear_in_int8():
+    # every Linear of the deploy form must lower to oneDNN's int8 Linear, none to a float addmm / bmm on a
+    # dequantized weight: a weight with two callers (qkv on the tokens and on the abstract token) or a Linear on a
+    # permuted 4-D input (HeadMLP) quantized to int8 weights but ran in float
+    from torch._inductor.utils import run_and_get_code
+
+    from compress.deploy import deploy_form
+    from compress.stages.ptq_int8 import quantize_x86_pt2e
+    from eval.runtimes import compile_for_cpu
+    torch.manual_seed(0)
+    deploy = deploy_form(timm.create_model('test_partialformer'))
+    x = torch.randn(4, 3, 64, 64)
+    graph = quantize_x86_pt2e(deploy, [x])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            _, code = run_and_get_code(compile_for_cpu(graph, 'int8'), x)
+    finally:
+        torch._dynamo.reset()
+    code = '\n'.join(code)
+    linears = sum(isinstance(m, nn.Linear) for m in deploy.modules())
+    assert code.count('torch.ops.onednn.qlinear_pointwise') == linears == 42
+    assert 'dequantize_per_channel' not in code  # no weight dequantized at run time for a float kernel
+
+
 @pytest.mark.slow
 def test_compile_matches_eager():
     torch.manual_seed(0)

@@ -112,8 +112,9 @@ class HeadMLP(nn.Module):
         self.reduce = nn.Linear(num_heads * expand_ratio, num_heads, **dd)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        # (B, h, queries, keys) -> heads last, so both FCs are plain Linear layers over the head axis
-        x = self.expand(logits.permute(0, 2, 3, 1))
+        # (B, h, queries, keys) -> heads last, so both FCs are plain Linear layers over the head axis. Contiguous: a
+        # Linear on the permuted view exports as expand + bmm, which int8 lowering leaves a float matmul
+        x = self.expand(logits.permute(0, 2, 3, 1).contiguous())
         x = x.softmax(dim=2)  # key axis of (B, queries, keys, e*h)
         x = self.reduce(x)
         return x.permute(0, 3, 1, 2)
@@ -167,6 +168,7 @@ class PartialAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)  # W_O, foreground rows only
         self.proj_drop = nn.Dropout(proj_drop)
         self.channel_mlp = ChannelMLP(dim, channel_reduction, **dd)
+        self.register_buffer('abstract_qkv', None, persistent=False)  # set by fuse()
         trunc_normal_(self.abstract_token, std=.02)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -189,7 +191,8 @@ class PartialAttention(nn.Module):
         q, k, v = (self._heads(t) for t in self._split_qkv(self.qkv(x)))  # (B, h, N, d_h), all tokens
 
         # MMSA operands: the abstract token's projections, then the foreground rows gathered from the projections
-        qa, ka, va = (self._heads(t).expand(B, -1, -1, -1) for t in self._split_qkv(self.qkv(self.abstract_token)))
+        abstract_qkv = self.qkv(self.abstract_token) if self.abstract_qkv is None else self.abstract_qkv
+        qa, ka, va = (self._heads(t).expand(B, -1, -1, -1) for t in self._split_qkv(abstract_qkv))
         gather_index = fg_index[:, None, :, None].expand(-1, self.num_heads, -1, q.shape[-1])
         q_f = torch.cat([qa, q.gather(2, gather_index)], dim=2)
         k_f = torch.cat([ka, k.gather(2, gather_index)], dim=2)
@@ -214,6 +217,18 @@ class PartialAttention(nn.Module):
 
         # background rows get the broadcast Y'_B, foreground rows their MMSA output, at their original positions
         return y_b.expand(B, N, -1).scatter(1, fg_index.unsqueeze(-1).expand(-1, -1, out_f.shape[-1]), out_f)
+
+    @torch.no_grad()
+    def fuse(self) -> 'PartialAttention':
+        """Deploy form, same function (`timm.models.reparameterize_model` calls it; inference only).
+
+        The abstract token's q / k / v depend on weights alone, so they are computed once here. Besides saving a
+        one-token Linear per call, this leaves `qkv` with a single caller: inductor's X86 int8 Linear pattern
+        matches a weight dequantize with one user only, so with two callers the block's widest Linear ran in float,
+        on a weight dequantized at every call.
+        """
+        self.abstract_qkv = self.qkv(self.abstract_token)
+        return self
 
 
 class Mlp(nn.Module):
