@@ -38,8 +38,10 @@ def test_a_twice_as_fast_form_measures_two_with_a_tight_interval():
         median, low, high = speedup(session, 'fast', 'slow', batch)
         assert low <= median <= high and 1.8 < low and high < 2.2
         assert throughput(session, 'fast', batch)['img_s_cpu'] == pytest.approx(batch / 0.002, rel=0.15)
-    assert session['control']['ok'] and not session['noisy'] and session['attempts'] == 1
-    assert session['rounds'] == 6 and len(session['forms']['fast']['bs2']['cpu_s']) == 6
+    # a busy other core (CI runs the gate there) may cost the A/A control one extra attempt: rounds are then added
+    assert session['control']['ok'] and not session['noisy'] and session['attempts'] in (1, 2)
+    assert session['rounds'] == 6 * session['attempts']
+    assert len(session['forms']['fast']['bs2']['cpu_s']) == session['rounds']
     assert session['load_before'] is not None and session['load_after'] is not None
 
 
