@@ -30,10 +30,13 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from compress.config import RecipeError
 from eval.tables import load_records, paired_top1_delta, write_tables
 
-__all__ = ['Point', 'pareto_front', 'fronts', 'study_points', 'write_report', 'print_report', 'main']
+__all__ = ['ReportError', 'Point', 'pareto_front', 'fronts', 'study_points', 'write_report', 'print_report', 'main']
+
+
+class ReportError(ValueError):
+    """Nothing to report (no records): one line, exit code 2."""
 
 SUBSET_MARK = '†'
 PARTIAL_MARK = '‡'
@@ -515,7 +518,7 @@ def write_report(runs: str | Path, out: str | Path, cells=None, title: str | Non
         title: heading; default: the folder's name.
 
     Raises:
-        RecipeError: when there is no record to report.
+        ReportError: when there is no record to report.
     """
     runs, out = Path(runs), Path(out)
     if cells is not None:
@@ -526,7 +529,8 @@ def write_report(runs: str | Path, out: str | Path, cells=None, title: str | Non
     if manifest:
         records = [r for r in records if r['recipe']['name'] in manifest]
     if not records:
-        raise RecipeError(f'{runs}: no run records of this study yet; run it first (python -m eval.study STUDY.yaml)')
+        raise ReportError(f'{runs}: no run records of this study yet; run it first '
+                          f'(python -m compress.study STUDY.yaml)')
     out.mkdir(parents=True, exist_ok=True)
     points, notes = study_points(records, manifest)
     missing = [cell_id for cell_id in manifest if cell_id not in {r['recipe']['name'] for r in records}]
@@ -560,7 +564,7 @@ def print_report(runs, out, **options) -> int:
     """Write the report and print the path of every file written; a problem is one line and exit code 2."""
     try:
         paths = write_report(runs, out, **options)
-    except RecipeError as error:
+    except ReportError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     for path in paths:

@@ -14,7 +14,7 @@ import yaml
 from compress.record import write_record
 from eval.paper import pareto_front, write_report
 from eval.stats import pack_bits
-from eval.study import cell_status, load_study, main
+from compress.study import cell_status, load_study, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / 'recipes' / 'tiny' / 'study.yaml'
@@ -31,7 +31,7 @@ def _study(tmp_path, file='study.yaml', **changes) -> Path:
 
 def _run(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
-    return subprocess.run([sys.executable, '-m', 'eval.study', *map(str, args), '--quiet'], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, '-m', 'compress.study', *map(str, args), '--quiet'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
 
 

@@ -1,7 +1,7 @@
 """Studies: a grid of models × recipes, one run record per cell, resumable, and paper outputs from the records.
 
-    python -m eval.study STUDY.yaml [--out DIR] [--models A,B] [--recipes X,Y] [--set KEY=VALUE] [--dry-run]
-    python -m eval.study STUDY.yaml --report [DIR]
+    python -m compress.study STUDY.yaml [--out DIR] [--models A,B] [--recipes X,Y] [--set KEY=VALUE] [--dry-run]
+    python -m compress.study STUDY.yaml --report [DIR]
 
 A study YAML names models and recipes (or several such ``grids``), overrides for every cell, per model, per
 recipe and per cell, and the folder of the records. Every cell's recipe with its overrides is validated by the
