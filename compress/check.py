@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,10 +36,12 @@ from pathlib import Path
 
 import yaml
 
+from compress.launch import launch
+from eval.tables import RecordError, read_record
+
 __all__ = ['cpu_isa', 'check_record', 'Verdict', 'default_metrics', 'load_reference', 'main']
 
 REFERENCE = 'results/reference.yaml'
-RUN_SCRIPT = Path(__file__).resolve().parent / 'run.py'
 ALPHA = 0.01
 QUANTIZED_KINDS = ('ptq_int8', 'qat_int8', 'weight_4bit')
 
@@ -225,26 +226,20 @@ def check_record(record: dict, entry: dict, alpha: float = ALPHA, root: Path = P
 
 
 def _run_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
-    command = [sys.executable, str(RUN_SCRIPT), recipe, *overrides, f'output.dir={out}']
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode == 2:
-        lines = [line for line in done.stderr.splitlines() if line.startswith('error:')]
-        raise GateError(f'{recipe}: {lines[-1][7:] if lines else "the recipe was refused"}')
-    if done.returncode != 0:
-        tail = ' '.join(done.stderr.strip().splitlines()[-1:])
-        raise RuntimeError(f'{recipe} failed (exit {done.returncode}): {tail[:300]}')
-    return Path(done.stdout.strip().splitlines()[-1])
+    log = Path(tempfile.mkstemp(dir=out, prefix=f'{Path(recipe).stem}-', suffix='.log')[1])
+    launched = launch(recipe, [*overrides, f'output.dir={out}'], log)
+    if launched.code == 2:
+        raise GateError(f'{recipe}: {launched.error.removeprefix("error: ")}')
+    if launched.code != 0 or launched.record is None:
+        raise RuntimeError(f'{recipe} failed (exit {launched.code}): {launched.error} (log: {log})')
+    return launched.record
 
 
 def _read_record(path: str | Path) -> dict:
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise GateError(f'{path}: not a readable run record ({type(error).__name__}); give the JSON a run wrote')
-    if not isinstance(record, dict) or 'stages' not in record or 'recipe' not in record:
-        raise GateError(f'{path}: not a run record (no stages / recipe)')
-    record['_path'] = str(path)
-    return record
+        return read_record(path)
+    except RecordError as error:
+        raise GateError(str(error)) from None
 
 
 def _entry_for(reference: dict, record: dict) -> dict | None:

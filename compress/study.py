@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from compress.config import RecipeConfig, RecipeError, _build, check_inputs, first_line, load_recipe
+from compress.launch import launch, launch_command
 
 __all__ = ['StudyConfig', 'Cell', 'load_study', 'select', 'cell_status', 'run_study', 'main']
 
@@ -275,11 +275,10 @@ def cell_status(cell: Cell, runs: Path) -> tuple[str, Path | None]:
 
 # --- running ---------------------------------------------------------------------------------------------------
 
-def _command(study: StudyConfig, cell: Cell, runs: Path) -> list[str]:
-    run_py = str(ROOT / 'compress' / 'run.py')
-    launch = [sys.executable, run_py] if study.launcher == 'python' else \
-        [sys.executable, '-m', 'accelerate.commands.launch', *study.launch_args, run_py]
-    return [*launch, cell.recipe_path, *cell.overrides, f'name={cell.id}', f'output.dir={runs}']
+def _launch_args(study: StudyConfig, cell: Cell, runs: Path) -> tuple:
+    """What :func:`compress.launch.launch` runs for a cell: recipe, overrides, accelerate options (or None)."""
+    return (cell.recipe_path, [*cell.overrides, f'name={cell.id}', f'output.dir={runs}'],
+            study.launch_args if study.launcher == 'accelerate' else None)
 
 
 def _write_manifest(study: StudyConfig, study_path: Path, all_cells: list[Cell], runs: Path) -> None:
@@ -294,19 +293,11 @@ def _write_manifest(study: StudyConfig, study_path: Path, all_cells: list[Cell],
     os.replace(temporary, runs / MANIFEST)
 
 
-def _error_line(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors='replace').splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith('error:')]
-    return (errors or lines or ['(no output)'])[-1][:300]
-
-
 def run_study(study: StudyConfig, study_path: Path, cells: list[Cell], runs: Path, all_cells: list[Cell],
               progress: bool = True) -> list[tuple[str, str]]:
     """Run every cell that has no record of its current recipe, one at a time; returns (cell id, reason) failures."""
     from tqdm import tqdm
     _write_manifest(study, study_path, all_cells, runs)
-    (runs / 'logs').mkdir(exist_ok=True)
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
     statuses = {cell.id: cell_status(cell, runs)[0] for cell in cells}
     failures = []
     bar = tqdm(cells, desc=study.name, unit='cell', disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -314,24 +305,10 @@ def run_study(study: StudyConfig, study_path: Path, cells: list[Cell], runs: Pat
         if statuses[cell.id] == 'done':
             continue
         bar.set_postfix_str(cell.id)
-        log = runs / 'logs' / f'{cell.id}.log'
-        with log.open('w') as handle:
-            handle.write(f'$ {shlex.join(_command(study, cell, runs))}\n')
-            handle.flush()
-            child = subprocess.Popen(_command(study, cell, runs), stdout=handle, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
-            try:
-                code = child.wait()
-            except BaseException:
-                # a stopped study stops its cell too; the cell resumes from its last stage next time
-                child.terminate()
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                raise
-        if code != 0 or cell_status(cell, runs)[0] != 'done':
-            reason = f'exit {code}: {_error_line(log)} (log: {log})'
+        recipe, overrides, accelerate_args = _launch_args(study, cell, runs)
+        launched = launch(recipe, overrides, runs / 'logs' / f'{cell.id}.log', accelerate_args)
+        if launched.code != 0 or cell_status(cell, runs)[0] != 'done':
+            reason = f'exit {launched.code}: {launched.error} (log: {launched.log})'
             failures.append((cell.id, reason))
             bar.write(f'{cell.id}: failed, {reason}', file=sys.stderr)
     bar.close()
@@ -384,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:
             status, record = cell_status(cell, runs)
             print(f'{cell.id}: {status}' + (f' ({record})' if record else ''))
-            print(f'  {shlex.join(_command(study, cell, runs))}')
+            print(f'  {shlex.join(launch_command(*_launch_args(study, cell, runs)))}')
         return 0
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:

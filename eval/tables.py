@@ -97,23 +97,37 @@ def table_columns(record: dict) -> list[tuple[str, object]]:
     return columns
 
 
+class RecordError(ValueError):
+    """A file that is not a readable run record of the current schema; the message names it and the fix."""
+
+
+def read_record(path: str | Path) -> dict:
+    """The run record at ``path``, with ``_path`` set to it; a RecordError when it is none (or an older one)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RecordError(f'{path}: not a readable run record ({type(error).__name__}); give the JSON a run '
+                          f'wrote') from None
+    if not (isinstance(record, dict) and 'stages' in record and 'recipe' in record):
+        raise RecordError(f'{path}: not a run record (no stages / recipe)')
+    if record.get('schema', 1) < SCHEMA:
+        raise RecordError(f'{path}: written by an older version (schema {record.get("schema", 1)}); run the '
+                          f'recipe again')
+    record['_path'] = str(path)
+    return record
+
+
 def load_records(folder: str | Path, newest_only: bool = True) -> list[dict]:
-    """Records under ``folder`` (recursively), oldest first; with ``newest_only`` the newest run per recipe."""
+    """Records under ``folder`` (recursively), oldest first; with ``newest_only`` the newest run per recipe.
+    JSON files that are not records (a study's manifest, benchmark files) are passed over; unreadable or older
+    records are named on stderr and skipped."""
     records = []
     for path in sorted(Path(folder).rglob('*.json')):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            print(f'skipping {path}: not a readable JSON record', file=sys.stderr)
-            continue
-        if not (isinstance(record, dict) and 'stages' in record and 'recipe' in record):
-            continue
-        if record.get('schema', 1) < SCHEMA:
-            print(f'skipping {path}: written by an older version (schema {record.get("schema", 1)}); run the '
-                  f'recipe again', file=sys.stderr)
-            continue
-        record['_path'] = str(path)
-        records.append(record)
+            records.append(read_record(path))
+        except RecordError as error:
+            if 'not a run record' not in str(error):
+                print(f'skipping {error}', file=sys.stderr)
     records.sort(key=lambda r: r.get('date', ''))
     if newest_only:
         newest = {r['recipe']['name']: r for r in records}

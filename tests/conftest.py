@@ -1,8 +1,12 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# one OpenMP thread in every process the tests start too (recipes run as subprocesses, two-process training): the
+# suite runs as two workers on two cores, and idle OpenMP threads spin on a core another process needs
+os.environ['OMP_NUM_THREADS'] = '1'
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get('COMPRESS_SHARED_DATA', ROOT.parent / 'shared' / 'data'))

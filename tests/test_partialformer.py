@@ -250,9 +250,11 @@ def test_deploy_form_is_the_same_function():
     keys = set(model.state_dict())
     deploy = reparameterize_model(model)
     attns = [m for m in deploy.modules() if isinstance(m, PartialAttention)]
-    assert len(attns) == 5 and all(a.abstract_qkv is not None for a in attns)
+    assert len(attns) == 5 and all(a.abstract_token is None and a.abstract_qkv.requires_grad for a in attns)
     assert all(m.abstract_qkv is None for m in model.modules() if isinstance(m, PartialAttention))
-    assert set(deploy.state_dict()) == keys
+    # the token's q / k / v replace the token, as parameters: QAT on the deploy form trains them
+    assert set(deploy.state_dict()) == {k.replace('abstract_token', 'abstract_qkv') for k in keys}
+    assert deploy.no_weight_decay() == {k for k in deploy.state_dict() if k.endswith('abstract_qkv')}
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)

@@ -46,11 +46,13 @@ def test_a_twice_as_fast_form_measures_two_with_a_tight_interval():
 
 
 def test_cpu_time_ignores_waiting_and_wall_time_does_not():
-    forms = {'works': busy(0.003), 'works and waits': busy(0.003, sleep_seconds=0.003)}
+    # waiting 3x the work: 4x in wall time on an idle core; a busy machine stretches only the work (measured 1.54x
+    # for equal work and wait with 4 processes on 2 cores), so the wall ratio stays above 2 (2.6 at that load)
+    forms = {'works': busy(0.003), 'works and waits': busy(0.003, sleep_seconds=0.009)}
     cpu = time_forms(forms, (1,), [1], rounds=5, min_seconds=0.03, measure='cpu')
     wall = time_forms(forms, (1,), [1], rounds=5, min_seconds=0.03, measure='wall')
     assert speedup(cpu, 'works', 'works and waits', 1)[0] == pytest.approx(1.0, abs=0.1)
-    assert speedup(wall, 'works', 'works and waits', 1)[0] > 1.6
+    assert speedup(wall, 'works', 'works and waits', 1)[0] > 2
 
 
 def test_a_failing_control_adds_rounds_then_flags_the_session():

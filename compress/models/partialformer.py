@@ -168,7 +168,7 @@ class PartialAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)  # W_O, foreground rows only
         self.proj_drop = nn.Dropout(proj_drop)
         self.channel_mlp = ChannelMLP(dim, channel_reduction, **dd)
-        self.register_buffer('abstract_qkv', None, persistent=False)  # set by fuse()
+        self.abstract_qkv: Optional[nn.Parameter] = None  # the deploy form's (`fuse`)
         trunc_normal_(self.abstract_token, std=.02)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -225,9 +225,11 @@ class PartialAttention(nn.Module):
         The abstract token's q / k / v depend on weights alone, so they are computed once here. Besides saving a
         one-token Linear per call, this leaves `qkv` with a single caller: inductor's X86 int8 Linear pattern
         matches a weight dequantize with one user only, so with two callers the block's widest Linear ran in float,
-        on a weight dequantized at every call.
+        on a weight dequantized at every call. They become a parameter in place of the token, so QAT on the deploy
+        form trains them.
         """
-        self.abstract_qkv = self.qkv(self.abstract_token)
+        self.abstract_qkv = nn.Parameter(self.qkv(self.abstract_token))
+        self.abstract_token = None
         return self
 
 
@@ -493,7 +495,7 @@ class PartialFormer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set:
         # the abstract tokens are learned embeddings (like a cls token), 3-D so timm would otherwise decay them
-        return {name for name, _ in self.named_parameters() if name.endswith('abstract_token')}
+        return {name for name, _ in self.named_parameters() if name.endswith(('abstract_token', 'abstract_qkv'))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

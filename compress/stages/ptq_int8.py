@@ -142,6 +142,15 @@ class _NothingQuantized(Exception):
     """A backend that took no layer of the model; the message says why, layer kind by layer kind."""
 
 
+def _x86_quantizer_took_nothing(keep_float: Sequence[str]) -> str:
+    if keep_float:
+        return f'keep_float ({", ".join(keep_float)}) left every conv / linear in float'
+    # another torch than the pinned one can make the quantizer match no pattern, silently (torch 2.11 did)
+    import torchao
+    return (f'X86InductorQuantizer annotated no conv / linear (torch {torch.__version__}, torchao '
+            f'{torchao.__version__}; the tested pair is pinned in constraints.txt)')
+
+
 def _int8_matmul_shape(module: nn.Module) -> bool:
     # torch._int_mm (cuBLAS) refuses other widths at run time; the CPU would take them, but one artifact must run
     # on both devices, so a record made here and one made on a GPU hold the same layers in int8
@@ -181,6 +190,8 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         try:
             if backend == 'x86_pt2e':
                 artifact = quantize_x86_pt2e(deploy_model, calib, cfg.keep_float)
+                if weight_coverage(artifact)['int8_weight_fraction'] == 0:
+                    raise _NothingQuantized(_x86_quantizer_took_nothing(cfg.keep_float))
                 if cfg.keep_float:
                     info['keep_float'] = list(cfg.keep_float)
                     notes.append(f'left in float by the recipe: {", ".join(cfg.keep_float)}')

@@ -71,7 +71,7 @@ def pruning_spec(model: nn.Module):
     attns = [m for m in model.modules() if isinstance(m, PartialAttention)]
     spec = PruningSpec(
         num_heads={a.qkv: a.num_heads for a in attns},
-        unwrapped_parameters={a.abstract_token: 2 for a in attns},
+        unwrapped_parameters={a.abstract_token: 2 for a in attns if a.abstract_token is not None},
         customized_pruners={HeadMLP: _head_mlp_pruner()},
         on_group=[_track_heads],
     )
