@@ -226,8 +226,11 @@ def check_record(record: dict, entry: dict, alpha: float = ALPHA, root: Path = P
 
 
 def _run_recipe(recipe: str, overrides: list[str], out: Path) -> Path:
-    log = Path(tempfile.mkstemp(dir=out, prefix=f'{Path(recipe).stem}-', suffix='.log')[1])
-    launched = launch(recipe, [*overrides, f'output.dir={out}'], log)
+    logs = out / 'logs'  # one per run: --noise runs a recipe several times into the same folder
+    logs.mkdir(parents=True, exist_ok=True)
+    handle, log = tempfile.mkstemp(dir=logs, prefix=f'{Path(recipe).stem}-', suffix='.log')
+    os.close(handle)
+    launched = launch(recipe, [*overrides, f'output.dir={out}'], Path(log))
     if launched.code == 2:
         raise GateError(f'{recipe}: {launched.error.removeprefix("error: ")}')
     if launched.code != 0 or launched.record is None:
