@@ -36,7 +36,6 @@ from compress.launch import launch, launch_command
 
 __all__ = ['StudyConfig', 'Cell', 'load_study', 'select', 'cell_status', 'run_study', 'main']
 
-ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = 'study.json'
 LAUNCHERS = ('python', 'accelerate')
 _ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
