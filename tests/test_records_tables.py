@@ -8,7 +8,7 @@ import pytest
 
 from compress.record import environment, write_record
 from eval.stats import pack_bits
-from eval.tables import load_records, main, stage_rows
+from eval.tables import MATRIX_BEGIN, MATRIX_END, load_records, main, stage_rows
 
 
 def per_image_results():
@@ -134,3 +134,29 @@ def test_non_records_are_ignored(tmp_path, field):
     del record[field]
     (tmp_path / 'x.json').write_text(json.dumps(record))
     assert load_records(tmp_path) == []
+
+
+def test_stage_matrix_says_what_each_stage_made_and_why_one_made_nothing(tmp_path):
+    record = make_record(name='r20__int8')
+    record['stages'][2]['metrics']['int8_weight_fraction'] = 0.9993    # one small layer left float
+    pruned = make_record(name='r20__prune', date='2026-11-22T00:00:00+00:00')
+    pruned['stages'][1] = {'name': 'prune', 'kind': 'prune', 'before': 'baseline',
+                           'metrics': {**pruned['stages'][0]['metrics'], 'gmacs': 0.0205}}
+    del pruned['stages'][2:]
+    other = make_record(name='mbv2__int8')
+    other['model']['name'] = 'mobilenetv2_100'
+    for each in (record, pruned, other):
+        write_record(each, tmp_path / 'runs')
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'intro\n{MATRIX_BEGIN}\nold\n{MATRIX_END}\nrest\n')
+    assert main([str(tmp_path / 'runs'), '--matrix', '--out', str(tmp_path / 'out'), '--readme', str(readme)]) == 0
+    rows = list(csv.reader((tmp_path / 'out' / 'stages.csv').open()))
+    assert rows[0] == ['model', 'train', 'prune', 'ptq_int8[x86_pt2e]', 'ptq_int8[openvino]']  # pipeline order
+    by_model = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    resnet = by_model['resnet20_cifar']
+    assert resnet['ptq_int8[x86_pt2e]'] == 'int8 99.9 %' and resnet['prune'] == 'MACs ×0.50'
+    assert resnet['ptq_int8[openvino]'] == 'no (1)' and by_model['mobilenetv2_100']['prune'] == ''
+    text = readme.read_text()
+    assert text.startswith('intro\n') and text.endswith('rest\n') and 'old' not in text
+    assert '(1) ptq_int8[openvino]: openvino could not quantize the model: RuntimeError: no' in text
+    assert '| resnet20_cifar' in text and 'From 3 records made at git abc.' in text

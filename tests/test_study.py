@@ -123,7 +123,7 @@ def test_a_bad_study_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsy
 
 
 @pytest.mark.parametrize('study', ['recipes/studies/seed_backbones.yaml', 'recipes/studies/accuracy.yaml',
-                                   'recipes/tiny/study.yaml'])
+                                   'recipes/studies/paper_only_stages.yaml', 'recipes/tiny/study.yaml'])
 def test_shipped_studies_validate(study, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     _, cells, _ = load_study(study)
@@ -136,6 +136,16 @@ def test_shipped_studies_validate(study, monkeypatch, capsys):
                  if not name.startswith('test_')}
         assert seeds < {cell.config.model.name for cell in cells}  # every registered seed variant
         assert {c.config.model.name for c in cells if c.recipe == 'dense'} == {c.config.model.name for c in cells}
+    if study.endswith('paper_only_stages.yaml'):  # every paper-only variant through every kind of stage
+        import timm
+
+        import compress.models
+        variants = {name for family in ('s2aformer', 'emsnet', 'mat', 'partialformer')
+                    for name in timm.list_models(module=family) if not name.startswith('test_')}
+        assert {cell.config.model.name for cell in cells} == variants and len(variants) == 18
+        for variant in variants:
+            kinds = {stage.kind for cell in cells if cell.config.model.name == variant for stage in cell.config.stages}
+            assert kinds == {'ptq_int8', 'qat_int8', 'weight_4bit', 'prune', 'export'}
 
 
 def test_filters_name_cells_of_the_study(tmp_path, capsys, monkeypatch):
