@@ -67,6 +67,11 @@ Ambiguities (reading chosen, why, and the measured effect on params / GMACs at 2
 12. Published numbers: "GFLOPs" are MACs (notes: the chapter's own attention-cost examples reproduce as MACs).
     Table 3.1's 2.5 M / 0.5 G for XXTiny truncate 2.56 M / 0.54 G (Tables 3.5, 3.7, 3.9, full model), which are the
     precise values and the reference used here.
+13. Initialisation (not stated): linears trunc-normal std 0.02, convolutions normal with std sqrt(2 / fan-out), as
+    PVT (the lineage S2AFormer's init follows too), biases zero. Trunc-normal 0.02 on the convolutions as well (the
+    ViT habit) left XXTiny at chance on the quickstart recipe, even with the token mixers removed (likely: every conv
+    here feeds a BatchNorm, which makes its weights scale-free, and AdamW's fixed-size steps on weights that small
+    turn them too far each step). No effect on counts.
 
 Complexity (eval.complexity.count_macs: conv + linear + attention matmuls; norms would add < 1 %), 224 x 224:
     XXTiny 2.550 M / 0.532 GMACs (published 2.56 / 0.54); XTiny 2.964 M / 0.717 G (3.0 / 0.7); Tiny 5.430 M / 1.871 G
@@ -74,6 +79,7 @@ Complexity (eval.complexity.count_macs: conv + linear + attention matmuls; norms
     some undocumented skeleton part is heavier and the mixer lighter than read here, which only the figures could
     settle. tests/test_emsnet.py pins every count.
 """
+import math
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
@@ -593,10 +599,14 @@ class EMSNet(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        # ambiguity 13: trunc-normal linears, fan-out normal convs (PVT's init), zero biases
+        if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0., math.sqrt(2. / fan_out))
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set:
