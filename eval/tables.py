@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -248,8 +249,8 @@ def write_tables(records: list[dict], out: str | Path, stem: str = 'runs') -> li
 
 
 def _share(value: float) -> str:
-    # 99.9 % must not print as 100 %: a layer left float is what the matrix is for
-    return '100 %' if value >= 1 else f'{value:.1%}'.replace('%', ' %')
+    # rounded down: 99.96 % must not print as 100 %, a layer left float is what the matrix is for
+    return '100 %' if value >= 1 else f'{math.floor(value * 1000) / 10:.1f} %'
 
 
 def _matrix_cell(stage: dict, baseline: dict | None) -> str:
