@@ -263,7 +263,9 @@ def _matrix_cell(stage: dict, baseline: dict | None) -> str:
     if kind == 'prune' and baseline and baseline.get('gmacs') and metrics.get('gmacs'):
         return f'MACs ×{metrics["gmacs"] / baseline["gmacs"]:.2f}'
     if kind == 'export' and info.get('max_abs_diff_vs_source') is not None:
-        return f'of {info.get("source")}, max diff {info["max_abs_diff_vs_source"]:.0e}'
+        # against the size of the logits: random weights can make them huge, and fp32 round-off with them
+        scale = f' (logits ≤ {info["source_max_abs"]:.2g})' if info.get('source_max_abs') is not None else ''
+        return f'of {info.get("source")}, max diff {info["max_abs_diff_vs_source"]:.0e}{scale}'
     return 'ran'
 
 

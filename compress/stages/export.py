@@ -37,7 +37,7 @@ What works in this toolchain (torch 2.14.1, onnx 1.23.2, openvino 2026.4.1, torc
   aten.convolution.default, aten.linear.default``: "Arguments do not have the same element type (arg0 element
   type: i8, arg1 element type: f32)"); via TorchScript there is no rule for ``quantized_decomposed::*``. So the
   IR is converted from the QDQ ONNX (``ov.convert_model(model.onnx)``), with the direct failure in the notes.
-  If a format still fails, its row is skipped and the one-line reason goes into the notes of the other rows.
+  If a format still fails, its row has no result and carries the one-line reason (the other rows note it too).
 * **OpenVINO model** (``ptq_int8[openvino]``; NNCF int4 weights take the same path, not tested here): IR via
   ``ov.save_model(ov_model, compress_to_fp16=False)``; reload vs source: 0 (the same graph). ONNX is not
   possible (OpenVINO has no ONNX writer); it is skipped with a note on the IR row, never raised.
@@ -363,11 +363,12 @@ def apply_export(cfg: ExportStage, model: nn.Module, ctx: StageContext) -> list[
         ))
     for result in results:
         result.notes.extend(skipped[fmt] for fmt in cfg.formats if fmt in skipped)
-    if not results:  # nothing could be written: no row, only the reasons
-        fmt = cfg.formats[0]
-        results.append(StageResult(
-            name=f'export[{fmt}]', kind='export', artifact=None, float_model=source.float_model, next_model=None,
-            backend=fmt, seconds=sum(seconds.values()), info={'source': source.name, 'format': fmt},
-            failed='nothing was written: ' + '; '.join(skipped[f] for f in cfg.formats if f in skipped),
-        ))
+    # a format that could not be written (or reloaded) is a row without a result, with its reason
+    for fmt in cfg.formats:
+        if fmt in skipped:
+            results.append(StageResult(
+                name=f'export[{fmt}]', kind='export', artifact=None, float_model=source.float_model,
+                next_model=None, backend=fmt, seconds=seconds.get(fmt, 0.0),
+                info={'source': source.name, 'format': fmt}, failed=skipped[fmt]))
+    results.sort(key=lambda result: cfg.formats.index(result.backend))
     return results
