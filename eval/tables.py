@@ -276,10 +276,10 @@ def stage_matrix(records: list[dict]) -> tuple[list[str], list[list[str]], list[
     by_model, names, kinds = {}, [], {}
     for record in records:
         stages = by_model.setdefault(record['model']['name'], {})
+        baseline = next((s.get('metrics') for s in record['stages'] if s.get('kind') == 'baseline'), None)
         for stage in record['stages']:
             if stage.get('kind') in ('baseline', 'reference', 'control', None):
                 continue
-            baseline = next((s.get('metrics') for s in record['stages'] if s.get('kind') == 'baseline'), None)
             stages[stage['name']] = (stage, baseline)
             if stage['name'] not in names:
                 names.append(stage['name'])

@@ -40,7 +40,8 @@ What works in this toolchain (torch 2.14.1, onnx 1.23.2, openvino 2026.4.1, torc
   If a format still fails, its row has no result and carries the one-line reason (the other rows note it too).
 * **OpenVINO model** (``ptq_int8[openvino]``; NNCF int4 weights take the same path, not tested here): IR via
   ``ov.save_model(ov_model, compress_to_fp16=False)``; reload vs source: 0 (the same graph). ONNX is not
-  possible (OpenVINO has no ONNX writer); it is skipped with a note on the IR row, never raised.
+  possible (OpenVINO has no ONNX writer): ``export[onnx]`` is a row without a result, with the reason (also noted
+  on the IR row), never raised.
 
 If no requested format can be written (say ``formats: [onnx]`` after an OpenVINO stage), the stage returns no
 artifact, only the reasons: no row claims a file that was not written.
