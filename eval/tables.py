@@ -269,6 +269,15 @@ def _matrix_cell(stage: dict, baseline: dict | None) -> str:
     return 'ran'
 
 
+def _prune_target(config: dict) -> tuple[str, float]:
+    """A prune column's suffix and its place among prune columns: the lightest pruning first."""
+    if config.get('target_macs') is not None:
+        return f'[target_macs {config["target_macs"]:g}]', -config['target_macs']
+    if config.get('ratio') is not None:
+        return f'[ratio {config["ratio"]:g}]', config['ratio']
+    return '', 0.0
+
+
 def stage_matrix(records: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
     """Which stage worked on which model: (column titles, one row per model, numbered notes). A stage without a
     result is ``no (n)``, note n its reason; PartialFormer-like rows whose ranking / gathering has no quantized form
@@ -277,15 +286,22 @@ def stage_matrix(records: list[dict]) -> tuple[list[str], list[list[str]], list[
     for record in records:
         stages = by_model.setdefault(record['model']['name'], {})
         baseline = next((s.get('metrics') for s in record['stages'] if s.get('kind') == 'baseline'), None)
+        prune_targets = [_prune_target(c) for c in (record.get('config') or {}).get('stages', [])
+                         if c.get('kind') == 'prune']
         for stage in record['stages']:
             if stage.get('kind') in ('baseline', 'reference', 'control', None):
                 continue
-            stages[stage['name']] = (stage, baseline)
-            if stage['name'] not in names:
-                names.append(stage['name'])
-                kinds[stage['name']] = stage['kind']
+            name, depth = stage['name'], 0.0
+            if stage['kind'] == 'prune' and prune_targets:
+                suffix, depth = prune_targets.pop(0)   # two prune targets are two columns, not one overwritten
+                name += suffix
+            stages[name] = (stage, baseline)
+            if name not in names:
+                names.append(name)
+                kinds[name] = (stage['kind'], depth)
     order = {kind: i for i, kind in enumerate(MATRIX_KINDS)}
-    names.sort(key=lambda name: order.get(kinds[name], len(order)))  # stable: the order met within a kind
+    # stable: within a kind the order met, prune columns from the lightest
+    names.sort(key=lambda name: (order.get(kinds[name][0], len(order)), kinds[name][1]))
     notes, rows, selection_note = [], [], False
     for model, stages in by_model.items():
         row = [model]

@@ -143,20 +143,29 @@ def test_stage_matrix_says_what_each_stage_made_and_why_one_made_nothing(tmp_pat
     pruned['stages'][1] = {'name': 'prune', 'kind': 'prune', 'before': 'baseline',
                            'metrics': {**pruned['stages'][0]['metrics'], 'gmacs': 0.0205}}
     del pruned['stages'][2:]
+    pruned['config'] = {'stages': [{'kind': 'prune', 'target_macs': 0.5, 'ratio': None}]}
+    pruned30 = make_record(name='r20__prune30', date='2026-11-22T00:00:00+00:00')
+    pruned30['stages'][1] = {'name': 'prune', 'kind': 'prune', 'before': 'baseline',
+                             'metrics': {**pruned['stages'][0]['metrics'], 'gmacs': 0.0287}}
+    del pruned30['stages'][2:]
+    pruned30['config'] = {'stages': [{'kind': 'prune', 'target_macs': 0.7, 'ratio': None}]}
     other = make_record(name='mbv2__int8')
     other['model']['name'] = 'mobilenetv2_100'
-    for each in (record, pruned, other):
+    for each in (record, pruned, pruned30, other):
         write_record(each, tmp_path / 'runs')
     readme = tmp_path / 'README.md'
     readme.write_text(f'intro\n{MATRIX_BEGIN}\nold\n{MATRIX_END}\nrest\n')
     assert main([str(tmp_path / 'runs'), '--matrix', '--out', str(tmp_path / 'out'), '--readme', str(readme)]) == 0
     rows = list(csv.reader((tmp_path / 'out' / 'stages.csv').open()))
-    assert rows[0] == ['model', 'train', 'prune', 'ptq_int8[x86_pt2e]', 'ptq_int8[openvino]']  # pipeline order
+    # pipeline order; two prune targets of one model are two columns, the lighter first
+    assert rows[0] == ['model', 'train', 'prune[target_macs 0.7]', 'prune[target_macs 0.5]', 'ptq_int8[x86_pt2e]',
+                       'ptq_int8[openvino]']
     by_model = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
     resnet = by_model['resnet20_cifar']
-    assert resnet['ptq_int8[x86_pt2e]'] == 'int8 99.9 %' and resnet['prune'] == 'MACs ×0.50'
-    assert resnet['ptq_int8[openvino]'] == 'no (1)' and by_model['mobilenetv2_100']['prune'] == ''
+    assert resnet['ptq_int8[x86_pt2e]'] == 'int8 99.9 %' and resnet['prune[target_macs 0.5]'] == 'MACs ×0.50'
+    assert resnet['prune[target_macs 0.7]'] == 'MACs ×0.70'
+    assert resnet['ptq_int8[openvino]'] == 'no (1)' and by_model['mobilenetv2_100']['prune[target_macs 0.5]'] == ''
     text = readme.read_text()
     assert text.startswith('intro\n') and text.endswith('rest\n') and 'old' not in text
     assert '(1) ptq_int8[openvino]: openvino could not quantize the model: RuntimeError: no' in text
-    assert '| resnet20_cifar' in text and 'From 3 records made at git abc.' in text
+    assert '| resnet20_cifar' in text and 'From 4 records made at git abc.' in text
