@@ -294,23 +294,28 @@ def _write_manifest(study: StudyConfig, study_path: Path, all_cells: list[Cell],
 
 def run_study(study: StudyConfig, study_path: Path, cells: list[Cell], runs: Path, all_cells: list[Cell],
               progress: bool = True) -> list[tuple[str, str]]:
-    """Run every cell that has no record of its current recipe, one at a time; returns (cell id, reason) failures."""
+    """Run every cell that has no record of its current recipe, one at a time; returns (cell id, reason) failures.
+
+    The manifest is written once the cells have run (or were interrupted), not before: where it is tracked by git,
+    rewriting it first would mark every record of this run as made by a ``-dirty`` checkout."""
     from tqdm import tqdm
-    _write_manifest(study, study_path, all_cells, runs)
     statuses = {cell.id: cell_status(cell, runs)[0] for cell in cells}
     failures = []
     bar = tqdm(cells, desc=study.name, unit='cell', disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for cell in bar:
-        if statuses[cell.id] == 'done':
-            continue
-        bar.set_postfix_str(cell.id)
-        recipe, overrides, accelerate_args = _launch_args(study, cell, runs)
-        launched = launch(recipe, overrides, runs / 'logs' / f'{cell.id}.log', accelerate_args)
-        if launched.code != 0 or cell_status(cell, runs)[0] != 'done':
-            reason = f'exit {launched.code}: {launched.error} (log: {launched.log})'
-            failures.append((cell.id, reason))
-            bar.write(f'{cell.id}: failed, {reason}', file=sys.stderr)
-    bar.close()
+    try:
+        for cell in bar:
+            if statuses[cell.id] == 'done':
+                continue
+            bar.set_postfix_str(cell.id)
+            recipe, overrides, accelerate_args = _launch_args(study, cell, runs)
+            launched = launch(recipe, overrides, runs / 'logs' / f'{cell.id}.log', accelerate_args)
+            if launched.code != 0 or cell_status(cell, runs)[0] != 'done':
+                reason = f'exit {launched.code}: {launched.error} (log: {launched.log})'
+                failures.append((cell.id, reason))
+                bar.write(f'{cell.id}: failed, {reason}', file=sys.stderr)
+    finally:
+        bar.close()
+        _write_manifest(study, study_path, all_cells, runs)
     return failures
 
 

@@ -163,6 +163,32 @@ def test_filters_name_cells_of_the_study(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / 'runs').exists()
 
 
+def test_the_manifest_is_rewritten_after_the_cells_not_while_they_run(tmp_path, capsys, monkeypatch):
+    # a study grown by a cell, resumed from a clean checkout that tracks its manifest: rewritten first, the manifest
+    # would make every record of the run say it came from a -dirty checkout
+    import compress.study as study_module
+    from compress.launch import Launched
+    monkeypatch.chdir(ROOT)
+    runs = tmp_path / 'runs'
+    runs.mkdir()
+    (runs / 'study.json').write_text('committed manifest')
+    seen = []
+
+    def fake_launch(recipe, overrides, log, accelerate_args=None):
+        seen.append((runs / 'study.json').read_text())
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text('$ run\nerror: no record made\n')
+        return Launched(2, log, None)
+
+    monkeypatch.setattr(study_module, 'launch', fake_launch)
+    assert main([str(_study(tmp_path)), '--recipes', 'prune', '--quiet']) == 1
+    assert seen == ['committed manifest'] * 2
+    manifest = json.loads((runs / 'study.json').read_text())
+    assert [cell['id'] for cell in manifest['cells']] == ['tiny_resnet__dense', 'tiny_resnet_24px__dense',
+                                                          'tiny_resnet__prune', 'tiny_resnet_24px__prune']
+    assert 'tiny_resnet_24px__prune: failed, exit 2: error: no record made' in capsys.readouterr().err
+
+
 def test_bad_yaml_from_the_command_line_has_no_traceback(tmp_path):
     study = tmp_path / 'broken.yaml'
     study.write_text('name: x\nmodels: [a\n')
