@@ -545,7 +545,10 @@ def write_report(runs: str | Path, out: str | Path, cells=None, title: str | Non
             handle.write('\nFigures not drawn: ' + '; '.join(skipped) + '.\n')
     if figures:
         with (out / 'summary.md').open('a') as handle:
-            handle.write('\n' + '\n'.join(f'![{p.stem}]({p.name})' for p in figures if p.suffix == '.png') + '\n')
+            # the committed copy of this file points at figures a checkout lacks until the command is run again
+            handle.write('\nFigures (PDF and PNG beside this file, drawn by the command that wrote it; binary, so '
+                         'not in the repository: run it to see them):\n\n'
+                         + '\n'.join(f'![{p.stem}]({p.name})' for p in figures if p.suffix == '.png') + '\n')
     return paths
 
 
