@@ -1,4 +1,4 @@
-"""Paper outputs from run records: one table (Markdown, CSV, LaTeX) and figures (PDF and PNG), never typed by hand.
+"""Paper outputs from run records: one table (Markdown, CSV, LaTeX) and figures (PDF, PNG, SVG), never typed by hand.
 
     python -m eval.paper RUNS_DIR --out results/studies/<name>      (or: python -m eval.study STUDY.yaml --report)
 
@@ -13,9 +13,9 @@ the rows of the cell's last stage; the baseline when it has none). Files written
   from the records. Accuracy on the 1,001-image ImageNet val subset carries a mark: that subset is easier than
   the full validation set. Rows whose weights are random say so, and carry no accuracy.
 * ``cells.md`` / ``cells.csv`` / ``cells.tex``: every row of every cell, as :mod:`eval.tables` writes them.
-* ``top1_vs_latency_<data>.{pdf,png}``, ``top1_vs_gmacs_<data>.{pdf,png}``: per evaluation data set, with the
+* ``top1_vs_latency_<data>.{pdf,png,svg}``, ``top1_vs_gmacs_<data>.{pdf,png,svg}``: per evaluation data set, with the
   Pareto front marked; skipped where every weight is random.
-* ``speedup_<backend>.{pdf,png}``: per backend, each point's speedup over its cell's fp32 baseline compiled, with
+* ``speedup_<backend>.{pdf,png,svg}``: per backend, each point's speedup over its cell's fp32 baseline compiled, with
   the 95 % interval as error bars.
 """
 from __future__ import annotations
@@ -375,9 +375,14 @@ def _slug(text: str) -> str:
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
-    paths = [out / f'{stem}.pdf', out / f'{stem}.png']
+    import matplotlib
+    paths = [out / f'{stem}.pdf', out / f'{stem}.png', out / f'{stem}.svg']
     fig.savefig(paths[0], bbox_inches='tight')
     fig.savefig(paths[1], bbox_inches='tight', dpi=200)
+    # the SVG is the committed copy: text, so it diffs; a fixed id salt and no date make a redraw from the same
+    # records byte-identical, and text kept as text (not paths) keeps it small
+    with matplotlib.rc_context({'svg.hashsalt': 'compress', 'svg.fonttype': 'none'}):
+        fig.savefig(paths[2], bbox_inches='tight', metadata={'Date': None})
     return paths
 
 
@@ -545,10 +550,9 @@ def write_report(runs: str | Path, out: str | Path, cells=None, title: str | Non
             handle.write('\nFigures not drawn: ' + '; '.join(skipped) + '.\n')
     if figures:
         with (out / 'summary.md').open('a') as handle:
-            # the committed copy of this file points at figures a checkout lacks until the command is run again
-            handle.write('\nFigures (PDF and PNG beside this file, drawn by the command that wrote it; binary, so '
-                         'not in the repository: run it to see them):\n\n'
-                         + '\n'.join(f'![{p.stem}]({p.name})' for p in figures if p.suffix == '.png') + '\n')
+            handle.write('\nFigures (SVG beside this file, committed with it; the same figures as PDF and PNG are '
+                         'drawn by the command that wrote it and are not in the repository):\n\n'
+                         + '\n'.join(f'![{p.stem}]({p.name})' for p in figures if p.suffix == '.svg') + '\n')
     return paths
 
 

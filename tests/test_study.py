@@ -82,7 +82,8 @@ def test_a_study_runs_every_cell_once_goes_on_after_a_failure_and_resumes(tmp_pa
     # the paper outputs of what ran
     out = tmp_path / 'paper'
     assert main([str(study), '--report', str(out)]) == 0
-    for name in ('summary.md', 'summary.csv', 'summary.tex', 'cells.md', 'speedup_torch.pdf', 'speedup_torch.png'):
+    for name in ('summary.md', 'summary.csv', 'summary.tex', 'cells.md', 'speedup_torch.pdf', 'speedup_torch.png',
+                 'speedup_torch.svg'):
         assert (out / name).stat().st_size > 0, name
     summary = (out / 'summary.md').read_text()
     assert 'random weights' in summary and 'no record yet (1 of 4 cells): tiny_resnet_24px__prune' in summary
@@ -247,7 +248,7 @@ def test_report_writes_tables_and_figures_with_the_pareto_front(tmp_path):
     assert {'summary.md', 'summary.csv', 'summary.tex', 'cells.md', 'cells.csv', 'cells.tex',
             'top1_vs_latency_imagenet_val_subset.pdf', 'top1_vs_latency_imagenet_val_subset.png',
             'top1_vs_gmacs_imagenet_val_subset.pdf', 'top1_vs_gmacs_imagenet_val_subset.png',
-            'speedup_openvino.pdf', 'speedup_openvino.png'} <= names
+            'speedup_openvino.pdf', 'speedup_openvino.png', 'speedup_openvino.svg'} <= names
     rows = list(csv.DictReader((tmp_path / 'out' / 'summary.csv').open()))
     on_front = {(r['model'], r['method']) for r in rows if r['pareto_latency'] == 'True'}
     # int8 rows: half the latency, the same MACs, 10 images (2.5 points) lost
@@ -262,5 +263,12 @@ def test_report_writes_tables_and_figures_with_the_pareto_front(tmp_path):
     assert '2.00 ± 0.25' in markdown and '† imagenet-val-subset: 400 images of the ImageNet validation set; easier ' \
         'than the full validation set' in markdown
     assert 'Hardware: test cpu (avx2; 2 logical CPUs); timing threads: 1' in markdown
-    # the figures are not committed: the table says how to get them before it links them
-    assert markdown.index('not in the repository: run it') < markdown.index('![speedup_openvino](speedup_openvino.png)')
+    # the table links the committed SVGs, and a redraw from the same records changes none of their bytes
+    assert '![speedup_openvino](speedup_openvino.svg)' in markdown and '.png)' not in markdown
+    again = write_report(runs, tmp_path / 'again', title='demo')
+    svgs = sorted(p.name for p in again if p.suffix == '.svg')
+    assert len(svgs) == 3
+    for name in svgs:
+        first, second = (tmp_path / 'out' / name).read_bytes(), (tmp_path / 'again' / name).read_bytes()
+        assert first == second, name
+        assert b'<dc:date>' not in first and b'<text' in first  # undated; labels kept as text, not outlines
