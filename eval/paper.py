@@ -15,6 +15,7 @@ the rows of the cell's last stage; the baseline when it has none). Files written
 * ``cells.md`` / ``cells.csv`` / ``cells.tex``: every row of every cell, as :mod:`eval.tables` writes them.
 * ``top1_vs_latency_<data>.{pdf,png,svg}``, ``top1_vs_gmacs_<data>.{pdf,png,svg}``: per evaluation data set, with the
   Pareto front marked; skipped where every weight is random.
+* ``latency_vs_gmacs.{pdf,png,svg}``: every timed point, random weights included: what each form does to latency.
 * ``speedup_<backend>.{pdf,png,svg}``: per backend, each point's speedup over its cell's fp32 baseline compiled, with
   the 95 % interval as error bars.
 """
@@ -363,6 +364,9 @@ def _write_table(points: list[Point], records: list[dict], notes: list[str], out
 
 # --- figures ----------------------------------------------------------------------------------------------
 
+GMACS_LABEL = 'GMACs (attention matmuls counted)'
+LATENCY_CAPTION = 'Latency: wall clock at batch 1, each cell in its own timing session (compare within a cell).'
+
 def _pyplot():
     import matplotlib
     matplotlib.use('Agg')  # files only: no display on servers and CI
@@ -396,34 +400,40 @@ def _styles(points: list[Point]) -> tuple[dict, dict]:
             {m: markers[i % len(markers)] for i, m in enumerate(methods)})
 
 
-def _accuracy_figure(points: list[Point], x_of, xlabel: str, stem: str, out: Path, caption: str) -> list[Path]:
+def _scatter_figure(points: list[Point], x_of, y_of, xlabel: str, ylabel: str, stem: str, out: Path, caption: str,
+                    front: bool) -> list[Path]:
+    """One point per (model, method): colour by model, marker by method; top-1 gets its interval and the front."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     xs = [x_of(p) for p in points]
-    ys = [p.top1 for p in points]
-    front = pareto_front(xs, ys)
+    ys = [y_of(p) for p in points]
     colors, markers = _styles(points)
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     for p, x, y in zip(points, xs, ys):
-        ci = p.metrics.get('top1_ci95')
+        ci = p.metrics.get('top1_ci95') if front else None
         yerr = [[y - ci[0]], [ci[1] - y]] if ci else None
         ax.errorbar([x], [y], yerr=yerr, fmt=markers[p.method], color=colors[p.model], markersize=6, capsize=2,
                     elinewidth=0.8, alpha=0.9)
-    on_front = sorted((x, y) for x, y, f in zip(xs, ys, front) if f)
-    ax.step([x for x, _ in on_front], [y for _, y in on_front], where='post', color='black', linewidth=1.0,
-            linestyle='--')
-    ax.scatter([x for x, _ in on_front], [y for _, y in on_front], s=160, facecolors='none', edgecolors='black',
-               linewidths=1.0, zorder=3)
+    if front:
+        on_front = sorted((x, y) for x, y, f in zip(xs, ys, pareto_front(xs, ys)) if f)
+        ax.step([x for x, _ in on_front], [y for _, y in on_front], where='post', color='black', linewidth=1.0,
+                linestyle='--')
+        ax.scatter([x for x, _ in on_front], [y for _, y in on_front], s=160, facecolors='none', edgecolors='black',
+                   linewidths=1.0, zorder=3)
     if max(xs) / max(min(xs), 1e-12) > 20:
         ax.set_xscale('log')
+    if not front and max(ys) / max(min(ys), 1e-12) > 20:
+        ax.set_yscale('log')
     ax.set_xlabel(xlabel)
-    ax.set_ylabel('top-1 (%)')
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=c, marker='o', linestyle='', label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color='gray', marker=k, linestyle='', label=m) for m, k in markers.items()]
-    handles.append(Line2D([], [], color='black', linestyle='--', marker='o', markerfacecolor='none',
-                          label='Pareto front'))
-    ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+    if front:
+        handles.append(Line2D([], [], color='black', linestyle='--', marker='o', markerfacecolor='none',
+                              label='Pareto front'))
+    ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False,
+              ncol=2 if len(handles) > 24 else 1)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.text(0.01, 0.01, caption, fontsize=7, ha='left', va='bottom', wrap=True)
     paths = _save(fig, out, stem)
@@ -481,7 +491,8 @@ def _speedup_figure(points: list[Point], backend: str, batches: list[int], out: 
 
 
 def write_figures(points: list[Point], out: Path) -> tuple[list[Path], list[str]]:
-    """The accuracy figures (per data set, where weights are not random) and the speedup bars (per backend)."""
+    """The accuracy figures (per data set, where weights are not random), latency against GMACs, and the speedup
+    bars (per backend)."""
     paths, skipped = [], []
     real = [p for p in points if p.top1 is not None]
     if not real:
@@ -494,15 +505,22 @@ def write_figures(points: list[Point], out: Path) -> tuple[list[Path], list[str]
                    + '. Error bars: 95 % bootstrap interval of top-1. Dashed: Pareto front. ')
         timed = [p for p in group if p.metrics.get('cpu_latency_ms_bs1') is not None]
         if timed:
-            paths += _accuracy_figure(timed, lambda p: p.metrics['cpu_latency_ms_bs1'], 'latency, batch 1 (ms)',
-                                      f'top1_vs_latency_{_slug(data)}', out,
-                                      caption + 'Latency: wall clock, each cell in its own timing session.')
+            paths += _scatter_figure(timed, lambda p: p.metrics['cpu_latency_ms_bs1'], lambda p: p.top1,
+                                     'latency, batch 1 (ms)', 'top-1 (%)', f'top1_vs_latency_{_slug(data)}', out,
+                                     caption + LATENCY_CAPTION, front=True)
         else:
             skipped.append(f'top-1 vs latency on {data}: no point was timed at batch 1')
         counted = [p for p in group if p.metrics.get('gmacs')]
         if counted:
-            paths += _accuracy_figure(counted, lambda p: p.metrics['gmacs'], 'GMACs (attention matmuls counted)',
-                                      f'top1_vs_gmacs_{_slug(data)}', out, caption)
+            paths += _scatter_figure(counted, lambda p: p.metrics['gmacs'], lambda p: p.top1, GMACS_LABEL, 'top-1 (%)',
+                                     f'top1_vs_gmacs_{_slug(data)}', out, caption, front=True)
+    # without accuracy (random weights) the cost axes still say something: what each deployed form does to latency
+    costed = [p for p in points if p.metrics.get('gmacs') and p.metrics.get('cpu_latency_ms_bs1') is not None]
+    if costed:
+        paths += _scatter_figure(costed, lambda p: p.metrics['gmacs'], lambda p: p.metrics['cpu_latency_ms_bs1'],
+                                 GMACS_LABEL, 'latency, batch 1 (ms)', 'latency_vs_gmacs', out,
+                                 ('Random weights: speed and complexity only. ' if all(p.random_weights for p in costed)
+                                  else '') + LATENCY_CAPTION, front=False)
     batches = _batches(points)
     for backend in dict.fromkeys(p.backend for p in points):
         group = [p for p in points if p.backend == backend and p.row != 'baseline'

@@ -83,7 +83,7 @@ def test_a_study_runs_every_cell_once_goes_on_after_a_failure_and_resumes(tmp_pa
     out = tmp_path / 'paper'
     assert main([str(study), '--report', str(out)]) == 0
     for name in ('summary.md', 'summary.csv', 'summary.tex', 'cells.md', 'speedup_torch.pdf', 'speedup_torch.png',
-                 'speedup_torch.svg'):
+                 'speedup_torch.svg', 'latency_vs_gmacs.svg'):
         assert (out / name).stat().st_size > 0, name
     summary = (out / 'summary.md').read_text()
     assert 'random weights' in summary and 'no record yet (1 of 4 cells): tiny_resnet_24px__prune' in summary
@@ -267,7 +267,8 @@ def test_report_writes_tables_and_figures_with_the_pareto_front(tmp_path):
     assert '![speedup_openvino](speedup_openvino.svg)' in markdown and '.png)' not in markdown
     again = write_report(runs, tmp_path / 'again', title='demo')
     svgs = sorted(p.name for p in again if p.suffix == '.svg')
-    assert len(svgs) == 3
+    assert svgs == ['latency_vs_gmacs.svg', 'speedup_openvino.svg', 'top1_vs_gmacs_imagenet_val_subset.svg',
+                    'top1_vs_latency_imagenet_val_subset.svg']
     for name in svgs:
         first, second = (tmp_path / 'out' / name).read_bytes(), (tmp_path / 'again' / name).read_bytes()
         assert first == second, name
