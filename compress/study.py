@@ -301,11 +301,12 @@ def run_study(study: StudyConfig, study_path: Path, cells: list[Cell], runs: Pat
     from tqdm import tqdm
     statuses = {cell.id: cell_status(cell, runs)[0] for cell in cells}
     failures = []
-    bar = tqdm(cells, desc=study.name, unit='cell', disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    todo = [cell for cell in cells if statuses[cell.id] != 'done']
+    # cells done before count as done but not in the rate: the time left is estimated from this run's cells only
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=study.name, unit='cell', disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
     try:
-        for cell in bar:
-            if statuses[cell.id] == 'done':
-                continue
+        for cell in todo:
             bar.set_postfix_str(cell.id)
             recipe, overrides, accelerate_args = _launch_args(study, cell, runs)
             launched = launch(recipe, overrides, runs / 'logs' / f'{cell.id}.log', accelerate_args)
@@ -313,6 +314,7 @@ def run_study(study: StudyConfig, study_path: Path, cells: list[Cell], runs: Pat
                 reason = f'exit {launched.code}: {launched.error} (log: {launched.log})'
                 failures.append((cell.id, reason))
                 bar.write(f'{cell.id}: failed, {reason}', file=sys.stderr)
+            bar.update(1)
     finally:
         bar.close()
         _write_manifest(study, study_path, all_cells, runs)

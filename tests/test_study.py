@@ -190,6 +190,28 @@ def test_the_manifest_is_rewritten_after_the_cells_not_while_they_run(tmp_path, 
     assert 'tiny_resnet_24px__prune: failed, exit 2: error: no record made' in capsys.readouterr().err
 
 
+def test_a_resumed_study_counts_its_done_cells_but_times_only_the_new_ones(tmp_path, capsys, monkeypatch):
+    import compress.study as study_module
+    from compress.launch import Launched
+    monkeypatch.chdir(ROOT)
+    launched = []
+
+    def fake_status(cell, runs):
+        return ('done' if cell.recipe == 'dense' or cell.id in launched else 'todo'), None
+
+    def fake_launch(recipe, overrides, log, accelerate_args=None):
+        launched.append(next(o.split('=', 1)[1] for o in overrides if o.startswith('name=')))
+        return Launched(0, log, None)
+
+    monkeypatch.setattr(study_module, 'cell_status', fake_status)
+    monkeypatch.setattr(study_module, 'launch', fake_launch)
+    assert main([str(_study(tmp_path))]) == 0
+    assert launched == ['tiny_resnet__prune', 'tiny_resnet_24px__prune']
+    bar = capsys.readouterr().err
+    # the bar starts at the two done cells; counted from zero, its rate and time left would include them
+    assert '2/4' in bar and '0/4' not in bar and '4/4' in bar
+
+
 def test_bad_yaml_from_the_command_line_has_no_traceback(tmp_path):
     study = tmp_path / 'broken.yaml'
     study.write_text('name: x\nmodels: [a\n')
