@@ -201,7 +201,10 @@ class PruneStage:
     ratio: float | None = field(default=None, metadata={'help': 'channel ratio removed, in (0, 1)'})
     target_macs: float | None = field(default=None, metadata={'help': 'fraction of MACs to keep, in (0, 1)'})
     global_pruning: bool = field(default=False, metadata={'help': 'rank channels across layers, not per layer'})
-    round_to: int | None = field(default=8, metadata={'help': 'keep channel counts multiples of this'})
+    round_to: int | None = field(default=8, metadata={
+        'help': 'keep channel counts multiples of this; Torch-Pruning rounds the kept count down, so once a layer '
+                'loses a channel it loses a chunk (a 16-channel layer keeps 8 at any ratio up to 1/2); '
+                'null: exact counts'})
     heads: str = field(default='dims', metadata={
         'help': 'attention: dims (shrink head_dim, keep the head count), heads (remove whole heads), none'})
     importance_batches: int = field(default=4, metadata={'help': 'batches of gradients for taylor importance'})

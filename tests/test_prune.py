@@ -39,6 +39,17 @@ def test_pruning_dead_channels_keeps_the_function():
         torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(('ratio', 'exact_width'), [(0.02, 15), (0.3, 11), (0.5, 8)])
+def test_round_to_rounds_the_kept_channels_down_as_the_help_says(ratio, exact_width):
+    # resnet20_cifar's first stage: 16-channel inner convs; the help of round_to promises 8 kept at any ratio <= 1/2
+    model = timm.create_model('resnet20_cifar').eval()
+    example = torch.randn(2, 3, 32, 32)
+    rounded, _ = prune_model(model, PruneStage(ratio=ratio, round_to=8), ratio, example)
+    exact, _ = prune_model(model, PruneStage(ratio=ratio, round_to=None), ratio, example)
+    assert rounded.stages[0][0].conv1.out_channels == 8
+    assert exact.stages[0][0].conv1.out_channels == exact_width
+
+
 def test_target_macs_is_searched():
     model = timm.create_model('resnet20_cifar').eval()
     from compress.stages.prune import search_ratio
