@@ -367,6 +367,7 @@ def _write_table(points: list[Point], records: list[dict], notes: list[str], out
 GMACS_LABEL = 'GMACs (attention matmuls counted)'
 LATENCY_CAPTION = 'Latency: wall clock at batch 1, each cell in its own timing session (compare within a cell).'
 
+
 def _pyplot():
     import matplotlib
     matplotlib.use('Agg')  # files only: no display on servers and CI
@@ -401,8 +402,9 @@ def _styles(points: list[Point]) -> tuple[dict, dict]:
 
 
 def _scatter_figure(points: list[Point], x_of, y_of, xlabel: str, ylabel: str, stem: str, out: Path, caption: str,
-                    front: bool) -> list[Path]:
-    """One point per (model, method): colour by model, marker by method; top-1 gets its interval and the front."""
+                    top1_axis: bool) -> list[Path]:
+    """One point per (model, method): colour by model, marker by method. With ``top1_axis`` (y is top-1) each point
+    gets its interval and the Pareto front is drawn; otherwise y is a cost, log-scaled when it spans a wide range."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     xs = [x_of(p) for p in points]
@@ -410,11 +412,11 @@ def _scatter_figure(points: list[Point], x_of, y_of, xlabel: str, ylabel: str, s
     colors, markers = _styles(points)
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     for p, x, y in zip(points, xs, ys):
-        ci = p.metrics.get('top1_ci95') if front else None
+        ci = p.metrics.get('top1_ci95') if top1_axis else None
         yerr = [[y - ci[0]], [ci[1] - y]] if ci else None
         ax.errorbar([x], [y], yerr=yerr, fmt=markers[p.method], color=colors[p.model], markersize=6, capsize=2,
                     elinewidth=0.8, alpha=0.9)
-    if front:
+    if top1_axis:
         on_front = sorted((x, y) for x, y, f in zip(xs, ys, pareto_front(xs, ys)) if f)
         ax.step([x for x, _ in on_front], [y for _, y in on_front], where='post', color='black', linewidth=1.0,
                 linestyle='--')
@@ -422,14 +424,14 @@ def _scatter_figure(points: list[Point], x_of, y_of, xlabel: str, ylabel: str, s
                    linewidths=1.0, zorder=3)
     if max(xs) / max(min(xs), 1e-12) > 20:
         ax.set_xscale('log')
-    if not front and max(ys) / max(min(ys), 1e-12) > 20:
+    if not top1_axis and max(ys) / max(min(ys), 1e-12) > 20:
         ax.set_yscale('log')
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=c, marker='o', linestyle='', label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color='gray', marker=k, linestyle='', label=m) for m, k in markers.items()]
-    if front:
+    if top1_axis:
         handles.append(Line2D([], [], color='black', linestyle='--', marker='o', markerfacecolor='none',
                               label='Pareto front'))
     ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False,
@@ -507,20 +509,20 @@ def write_figures(points: list[Point], out: Path) -> tuple[list[Path], list[str]
         if timed:
             paths += _scatter_figure(timed, lambda p: p.metrics['cpu_latency_ms_bs1'], lambda p: p.top1,
                                      'latency, batch 1 (ms)', 'top-1 (%)', f'top1_vs_latency_{_slug(data)}', out,
-                                     caption + LATENCY_CAPTION, front=True)
+                                     caption + LATENCY_CAPTION, top1_axis=True)
         else:
             skipped.append(f'top-1 vs latency on {data}: no point was timed at batch 1')
         counted = [p for p in group if p.metrics.get('gmacs')]
         if counted:
             paths += _scatter_figure(counted, lambda p: p.metrics['gmacs'], lambda p: p.top1, GMACS_LABEL, 'top-1 (%)',
-                                     f'top1_vs_gmacs_{_slug(data)}', out, caption, front=True)
+                                     f'top1_vs_gmacs_{_slug(data)}', out, caption, top1_axis=True)
     # without accuracy (random weights) the cost axes still say something: what each deployed form does to latency
     costed = [p for p in points if p.metrics.get('gmacs') and p.metrics.get('cpu_latency_ms_bs1') is not None]
     if costed:
         paths += _scatter_figure(costed, lambda p: p.metrics['gmacs'], lambda p: p.metrics['cpu_latency_ms_bs1'],
                                  GMACS_LABEL, 'latency, batch 1 (ms)', 'latency_vs_gmacs', out,
                                  ('Random weights: speed and complexity only. ' if all(p.random_weights for p in costed)
-                                  else '') + LATENCY_CAPTION, front=False)
+                                  else '') + LATENCY_CAPTION, top1_axis=False)
     batches = _batches(points)
     for backend in dict.fromkeys(p.backend for p in points):
         group = [p for p in points if p.backend == backend and p.row != 'baseline'
