@@ -114,7 +114,6 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
     accelerator.free_memory()
     return model.cpu(), {'steps': total_steps, 'processes': accelerator.num_processes,
                          'global_batch': batch_size * accelerator.num_processes,
-                         'memory_format': 'channels_last' if channels_last else 'nchw',
                          'train_loss': round(running_loss / max(1, seen), 4),
                          'train_top1': round(100 * running_correct / max(1, seen), 2)}
 
