@@ -18,7 +18,6 @@ from torch import nn
 from compress.config import DistillStage, RecipeError
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
-from compress.stages.families import rules_for
 from compress.stages.train import train_model
 
 __all__ = ['DistillationObjective', 'apply_distill', 'build_teacher']
@@ -30,10 +29,6 @@ class DistillationObjective:
     def __init__(self, teacher: nn.Module, cfg: DistillStage, features: bool = False,
                  renormalize: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str = 'cpu'):
         self.teacher = teacher.to(device).eval()
-        # a teacher whose family allows it takes the student's channels-last images as they come; others get NCHW
-        self.teacher_channels_last = rules_for(teacher).channels_last_training
-        if self.teacher_channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.cfg = cfg
@@ -46,8 +41,6 @@ class DistillationObjective:
     def _teacher_outputs(self, images: torch.Tensor):
         if self.renormalize is not None:
             images = images * self.renormalize[0] + self.renormalize[1]
-        if not self.teacher_channels_last:
-            images = images.contiguous()
         with torch.no_grad():
             if not self.features:
                 return self.teacher(images), None
@@ -138,8 +131,7 @@ def apply_distill(cfg: DistillStage, model: nn.Module, ctx: StageContext) -> lis
     features = cfg.feature_weight > 0
     objective = DistillationObjective(teacher, cfg, features, _renormalization(teacher, ctx), ctx.accelerator.device)
     student = FeatureStudent(model, _feature_projections(model, teacher, ctx.input_size)) if features else model
-    student, summary = train_model(cfg, student, ctx, objective=objective, desc='distill',
-                                   channels_last=rules_for(model).channels_last_training)
+    student, summary = train_model(cfg, student, ctx, objective=objective, desc='distill')
     model = student.model if features else student
     losses = ', '.join(f'{k} {v:.3f}' for k, v in objective.last.items())
     return [StageResult(

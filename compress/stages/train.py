@@ -16,7 +16,6 @@ from compress.config import RecipeError, TrainStage
 from compress.data import make_loader
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
-from compress.stages.families import rules_for
 
 __all__ = ['apply_train', 'train_model']
 
@@ -42,7 +41,7 @@ class CrossEntropyObjective:
 
 
 def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=None, on_step=None,
-                desc: str = 'train', channels_last: bool = False) -> tuple[nn.Module, dict]:
+                desc: str = 'train') -> tuple[nn.Module, dict]:
     """Train ``model`` on the training split; returns the trained (unwrapped, eval-mode) model and a summary.
 
     With several processes the loader is sharded: steps, the learning-rate schedule and ``on_step`` count this
@@ -56,8 +55,6 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
         objective: ``(model, images, labels) -> (loss, logits)``; default cross-entropy with label smoothing.
         on_step: called as ``on_step(step, total_steps, model)`` before each step (e.g. QAT freezing schedules).
         desc: progress-bar label.
-        channels_last: train with weights and images in channels-last memory (faster convolutions); the model is
-            returned in the default layout, so later stages (export, pruning, saving) see what they always see.
     """
     accelerator = ctx.accelerator
     if ctx.data.train is None:
@@ -65,8 +62,6 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
     batch_size = cfg.batch_size or ctx.data_cfg.batch_size
     loader = make_loader(ctx.data.train, batch_size, ctx.data_cfg.workers, shuffle=True, seed=ctx.seed,
                          drop_last=True)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
     objective = objective or CrossEntropyObjective(cfg.label_smoothing)
     _train_mode(model)
@@ -87,8 +82,6 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
         for images, labels, _ in loader:
             if on_step is not None:
                 on_step(step, total_steps, accelerator.unwrap_model(model))
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
                 loss, logits = objective(model, images, labels)
             accelerator.backward(loss)
@@ -109,8 +102,6 @@ def train_model(cfg: TrainStage, model: nn.Module, ctx: StageContext, objective=
                 break
     progress.close()
     model = _eval_mode(accelerator.unwrap_model(model))
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
     accelerator.free_memory()
     return model.cpu(), {'steps': total_steps, 'processes': accelerator.num_processes,
                          'global_batch': batch_size * accelerator.num_processes,
@@ -134,7 +125,7 @@ def _eval_mode(model: nn.Module) -> nn.Module:
 
 def apply_train(cfg: TrainStage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     start = time.perf_counter()
-    model, summary = train_model(cfg, model, ctx, channels_last=rules_for(model).channels_last_training)
+    model, summary = train_model(cfg, model, ctx)
     return [StageResult(
         name='train', kind='train', artifact=deploy_form(model), float_model=model, next_model=model,
         seconds=time.perf_counter() - start,

@@ -3,9 +3,7 @@
 A family's rules (:class:`FamilyRules`) say how it is pruned (``pruning_form``: an equivalent form that prunes
 better; ``pruning_spec``: what Torch-Pruning cannot see), what NNCF must leave in float (``nncf_ignored_scope``:
 node-name patterns of the OpenVINO model) and how NNCF quantizes the rest where its defaults for the model type
-cost speed (``nncf_preset``: 'performance' or 'mixed'; ``nncf_smooth_quant``: False turns SmoothQuant off), and
-whether training may hold it in channels-last memory (``channels_last_training``: only for families whose forward
-never views a 4-D activation as NCHW-contiguous; convolutions then train faster on oneDNN and cuDNN).
+cost speed (``nncf_preset``: 'performance' or 'mixed'; ``nncf_smooth_quant``: False turns SmoothQuant off).
 :func:`rules_for` finds them by the model's class; a model without rules gets the generic ones (nothing extra).
 """
 from __future__ import annotations
@@ -25,7 +23,6 @@ class FamilyRules:
     nncf_ignored_scope: tuple[str, ...] = field(default_factory=tuple)
     nncf_preset: str | None = None            # None: NNCF's default for the model type
     nncf_smooth_quant: bool | None = None     # None: NNCF's default for the model type
-    channels_last_training: bool = False
 
 
 _RULES: dict[type, FamilyRules] = {}

@@ -1,4 +1,4 @@
-"""ResNet-CIFAR: what pruning must know (option-A shortcuts), and that it trains in channels-last memory."""
+"""ResNet-CIFAR: what pruning must know (option-A shortcuts)."""
 from __future__ import annotations
 
 from compress.models.resnet_cifar import CifarResNet
@@ -13,5 +13,4 @@ def pruning_spec(model: CifarResNet):
     return PruningSpec(ignored_layers=stream, notes=['residual stream kept: option-A shortcuts pad by position'])
 
 
-# convolutions, batch norm and pooling only: nothing in its forward assumes NCHW-contiguous memory
-register_rules(CifarResNet, FamilyRules(pruning_spec=pruning_spec, channels_last_training=True))
+register_rules(CifarResNet, FamilyRules(pruning_spec=pruning_spec))
