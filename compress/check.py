@@ -15,16 +15,21 @@ Every value is judged two-sided: an unexplained improvement fails as a drop does
 * ``xfail: REASON`` on a value or a whole row: checked and printed, never fails the gate.
 
 References are kept per CPU ISA (``avx512_vnni``, ``amx``, ``avx2``, ...; read from the record's CPU flags): int8
-speed and even int8 rounding differ between instruction sets. ``--update --why TEXT`` writes the measured values of
-records made by committed code into the reference (tolerances kept; a new entry gets the default tolerances
-below), copies the records under ``results/reference/`` for later paired tests and notes when, from which commit
-and why. ``--noise N`` runs each gated recipe N times and prints the spread of every value with the tolerance it
-suggests (twice the spread, never below the entry's own); with ``--update`` it writes those tolerances: they are
-set from measured run-to-run noise, not guessed.
+speed and even int8 rounding differ between instruction sets. Speed bands belong to the CPU model they were measured
+on (an entry's ``cpu``): two CPUs of one ISA differ in int8 speedup by more than any tolerance, so on another model
+the record is judged against its ISA's entry for everything but speed, which is printed unjudged with the reason.
+
+``--update --why TEXT`` writes the measured values of records made by committed code into the reference (tolerances
+kept; a new entry gets the default tolerances below; a new CPU model of a known ISA gets its own entry with the
+rules of that ISA's), copies the records under ``results/reference/`` for later paired tests and notes when, from
+which commit and why. ``--noise N`` runs each gated recipe N times and prints the spread of every value with the
+tolerance it suggests (twice the spread, never below the entry's own); with ``--update`` it writes those tolerances:
+they are set from measured run-to-run noise, not guessed.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -39,7 +44,7 @@ import yaml
 from compress.launch import launch
 from eval.tables import RecordError, read_record
 
-__all__ = ['cpu_isa', 'check_record', 'Verdict', 'default_metrics', 'load_reference', 'main']
+__all__ = ['cpu_isa', 'cpu_model', 'check_record', 'Verdict', 'default_metrics', 'load_reference', 'main']
 
 REFERENCE = 'results/reference.yaml'
 ALPHA = 0.01
@@ -60,6 +65,11 @@ def cpu_isa(env: dict) -> str:
         if needs in flags:
             return isa
     return 'other'
+
+
+def cpu_model(env: dict) -> str:
+    """The CPU's model name as the record read it: the key of an entry's speed bands."""
+    return env.get('cpu', {}).get('model') or 'unknown'
 
 
 def _speed_keys(metrics: dict) -> list[str]:
@@ -123,7 +133,7 @@ def load_reference(path: str | Path) -> dict:
         where = f'{path}: entries.{index}'
         if not isinstance(entry, dict) or 'recipe' not in entry or 'isa' not in entry:
             raise GateError(f'{where}: each entry needs recipe and isa')
-        extra = set(entry) - {'recipe', 'name', 'overrides', 'isa', 'record', 'updated', 'rows'}
+        extra = set(entry) - {'recipe', 'name', 'overrides', 'isa', 'cpu', 'record', 'updated', 'rows'}
         if extra:
             raise GateError(f'{where}: unknown key {sorted(extra)[0]!r}')
         for row, values in (entry.get('rows') or {}).items():
@@ -184,6 +194,7 @@ def check_record(record: dict, entry: dict, alpha: float = ALPHA, root: Path = P
         raise GateError(f'{gate}: the record evaluated {count} images, the reference {theirs}; run the gate recipe '
                         f'unchanged')
     noisy = bool((record.get('timing') or {}).get('noisy'))  # no timing session: throughput off
+    other_cpu = entry.get('cpu') not in (None, cpu_model(record['env']))
     verdicts = []
     for row, rules in (entry.get('rows') or {}).items():
         stage = stages.get(row)
@@ -210,6 +221,11 @@ def check_record(record: dict, entry: dict, alpha: float = ALPHA, root: Path = P
                     s['name']: s for s in reference_record['stages']}.get(row)), count, alpha)
             elif reference_value is None:
                 judged_by, ok = 'no accepted value', False
+            elif metric.startswith('speedup') and other_cpu:
+                verdicts.append(Verdict(gate, row, metric, reference_value, _shown(metrics, metric), drift,
+                                        f'not judged: band from {entry["cpu"]}; --update adds this CPU\'s',
+                                        'unjudged'))
+                continue
             elif metric.startswith('speedup') and noisy:
                 verdicts.append(Verdict(gate, row, metric, reference_value, _shown(metrics, metric), drift,
                                         'not judged: the run\'s A/A timing control failed', 'unjudged'))
@@ -245,13 +261,14 @@ def _read_record(path: str | Path) -> dict:
         raise GateError(str(error)) from None
 
 
-def _entry_for(reference: dict, record: dict) -> dict | None:
-    isa = cpu_isa(record['env'])
+def _entry_for(reference: dict, record: dict, same_cpu: bool = False) -> dict | None:
+    """The entry for the record's recipe and ISA, the one measured on the record's CPU model first; with
+    ``same_cpu`` only that one."""
+    isa, model = cpu_isa(record['env']), cpu_model(record['env'])
     name = record['recipe']['name']
-    for entry in reference.get('entries', []):
-        if entry['isa'] == isa and _recipe_name(entry) == name:
-            return entry
-    return None
+    matches = [entry for entry in reference.get('entries', []) if entry['isa'] == isa and _recipe_name(entry) == name]
+    ours = [entry for entry in matches if entry.get('cpu') in (None, model)]
+    return (ours or ([] if same_cpu else matches) or [None])[0]
 
 
 def _recipe_name(entry: dict) -> str:
@@ -281,7 +298,8 @@ def _new_entry(record: dict, recipe: str, overrides: list[str]) -> dict:
     count = record['data']['num_images']
     rows = {stage['name']: default_metrics(stage, count) for stage in record['stages']
             if 'metrics' in stage and stage.get('kind') != 'reference'}
-    return {'recipe': recipe, 'overrides': list(overrides), 'isa': cpu_isa(record['env']), 'rows': rows}
+    return {'recipe': recipe, 'overrides': list(overrides), 'isa': cpu_isa(record['env']),
+            'cpu': cpu_model(record['env']), 'rows': rows}
 
 
 def _update(reference: dict, path: Path, records: list[dict], why: str, recipes: dict[str, tuple[str, list]],
@@ -294,9 +312,15 @@ def _update(reference: dict, path: Path, records: list[dict], why: str, recipes:
             raise GateError(f'{record["_path"]}: made by uncommitted code ({commit or "no git hash"}); commit, run '
                             f'again, then update: the reference must be reproducible')
     for record in records:
-        entry = _entry_for(reference, record)
+        entry = _entry_for(reference, record, same_cpu=True)
         name = record['recipe']['name']
-        if entry is None:
+        sibling = _entry_for(reference, record)
+        if entry is None and sibling is not None:
+            # another CPU model of this ISA: its speed bands stay; this CPU gets an entry with the same rules
+            entry = {**copy.deepcopy({k: v for k, v in sibling.items() if k != 'record'}),
+                     'cpu': cpu_model(record['env'])}
+            reference['entries'].append(entry)
+        elif entry is None:
             if name not in recipes:
                 raise GateError(f'{record["_path"]}: no entry for recipe {name} on {cpu_isa(record["env"])}; give '
                                 f'--recipe with the recipe file to add one')
@@ -316,6 +340,7 @@ def _update(reference: dict, path: Path, records: list[dict], why: str, recipes:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(record['_path'], target)
         entry['record'] = os.path.relpath(target, path.parent)
+        entry['cpu'] = cpu_model(record['env'])
         entry['updated'] = {'when': dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
                             'commit': record['git_hash'], 'why': why}
     body = {'alpha': reference.get('alpha', ALPHA),
@@ -419,7 +444,8 @@ def _main(args) -> int:
         firsts, suggested = _noise(new or entries, args.noise, out, args.set)
         if args.update:
             reference.setdefault('entries', []).extend(
-                {**entry, 'isa': cpu_isa(record['env'])} for entry, record in zip(new, firsts))
+                {**entry, 'isa': cpu_isa(record['env']), 'cpu': cpu_model(record['env'])}
+                for entry, record in zip(new, firsts))
             _update(reference, path, firsts, args.why, recipes, suggested)
         return 0
     if args.records:
@@ -450,6 +476,8 @@ def _main(args) -> int:
                                     None, 'add one: --update --recipe R --why TEXT', 'FAIL'))
             continue
         verdicts.extend(check_record(record, entry, alpha, root=path.parent))
+        print(f'{record["recipe"]["name"]}: run on {cpu_model(record["env"])} ({cpu_isa(record["env"])}); '
+              f'reference measured on {entry.get("cpu", "an unnamed CPU")} ({entry["isa"]})')
     _print(verdicts)
     return 1 if any(v.failed for v in verdicts) else 0
 

@@ -166,13 +166,15 @@ def _columns(points: list[Point]) -> list[tuple[str, str, object]]:
     """(Markdown/CSV title, LaTeX title, cell(point) -> (md, tex, csv values dict)) for the summary table."""
     batches = _batches(points)
     accuracy = any(p.top1 is not None for p in points)
+    letters = cpu_letters([p.record for p in points])
 
     def text(key):
         return lambda p: (lambda v: (v, _latex(v), {key: v}))(str(key_value(p, key)))
 
     def key_value(p, key):
         return {'model': p.model, 'method': p.method, 'weights': weights_label(p.record), 'data': p.data,
-                'precision': p.metrics.get('precision', ''), 'runtime': p.metrics.get('runtime', '')}[key]
+                'precision': p.metrics.get('precision', ''), 'runtime': p.metrics.get('runtime', ''),
+                'cpu': letters.get(cpu_description(p.record['env']))}[key]
 
     def top1(p):
         if p.top1 is None:
@@ -225,6 +227,8 @@ def _columns(points: list[Point]) -> list[tuple[str, str, object]]:
                 ('size (MB)', 'Size (MB)', number('size_mb', 2))]
     if batches:
         small, large = batches[0], batches[-1]
+        if len(letters) > 1:
+            columns.append(('CPU', 'CPU', text('cpu')))
         columns += [(f'latency bs{small} (ms)', f'Latency bs{small} (ms)',
                      number(f'cpu_latency_ms_bs{small}', 2)),
                     (f'throughput bs{large} (img/s)', f'Throughput bs{large} (img/s)',
@@ -252,11 +256,26 @@ def _distinct(values) -> str:
     return ' / '.join(str(v) for v in seen)
 
 
+def cpu_description(env: dict) -> str:
+    """The CPU a record ran on, as tables name it: model, the instruction-set flags that decide speed, CPU count."""
+    cpu = env['cpu']
+    return f'{cpu["model"]} ({", ".join(cpu.get("flags") or [])}; {cpu.get("logical_cpus")} logical CPUs)'
+
+
+def cpu_letters(records: list[dict]) -> dict[str, str]:
+    """A letter per distinct CPU of the records, in order of appearance: a table that mixes CPUs says which row
+    ran where (cells of one study can be run on different machines)."""
+    cpus = list(dict.fromkeys(cpu_description(r['env']) for r in records))
+    return {cpu: chr(ord('A') + i) for i, cpu in enumerate(cpus)}
+
+
 def environment_line(records: list[dict]) -> str:
-    """Hardware, threads and library versions of the records, each distinct value once."""
+    """Hardware, threads and library versions of the records, each distinct value once; several CPUs are listed
+    with the letters of the table's CPU column."""
     envs = [r['env'] for r in records]
-    cpus = _distinct(f'{e["cpu"]["model"]} ({", ".join(e["cpu"].get("flags") or [])}; {e["cpu"].get("logical_cpus")} '
-                     f'logical CPUs)' for e in envs)
+    letters = cpu_letters(records)
+    cpus = (next(iter(letters)) if len(letters) == 1 else
+            f'{len(letters)} CPUs (column CPU) ' + ', '.join(f'{letter} = {cpu}' for cpu, letter in letters.items()))
     threads = _distinct((r.get('timing') or {}).get('threads', r['env'].get('eval_threads')) for r in records)
     packages = ('torch', 'torchao', 'openvino', 'nncf', 'timm', 'torch-pruning')
     versions = ', '.join(f'{name} {_distinct(e["versions"].get(name) for e in envs)}' for name in packages
@@ -278,6 +297,9 @@ def _notes(points: list[Point], records: list[dict]) -> list[str]:
             'timed in the same rounds; it is the median of the per-round CPU-time ratios, ± half the width of its '
             '95 % interval (intervals can be asymmetric: the CSV has both ends). Latency and throughput are wall '
             'clock, each cell in its own session on a shared machine: compare them across cells with care.'
+            + (f' The cells ran on {len(_cpus(points))} different CPUs (column CPU, listed under Hardware): latency '
+               f'and throughput compare only between rows of one CPU, and ×fp32 depends on the CPU too.'
+               if len(_cpus(points)) > 1 else '')
             + (f' A/A control outside tolerance (speedups marked ~): {", ".join(noisy)}.' if noisy else
                ' Every A/A control was within tolerance.'))
     lines.append('GMACs: multiply-accumulates counted at the ATen level (eval/complexity.py): convolutions, linears '
@@ -366,6 +388,16 @@ def _write_table(points: list[Point], records: list[dict], notes: list[str], out
 
 GMACS_LABEL = 'GMACs (attention matmuls counted)'
 LATENCY_CAPTION = 'Latency: wall clock at batch 1, each cell in its own timing session (compare within a cell).'
+
+
+def _cpus(points: list[Point]) -> set[str]:
+    return {cpu_description(p.record['env']) for p in points}
+
+
+def _latency_caption(points: list[Point]) -> str:
+    cpus = len(_cpus(points))
+    return LATENCY_CAPTION + (f' Timed on {cpus} different CPUs (the table\'s CPU column): latencies of different '
+                              f'CPUs do not compare.' if cpus > 1 else '')
 
 
 def _pyplot():
@@ -509,7 +541,7 @@ def write_figures(points: list[Point], out: Path) -> tuple[list[Path], list[str]
         if timed:
             paths += _scatter_figure(timed, lambda p: p.metrics['cpu_latency_ms_bs1'], lambda p: p.top1,
                                      'latency, batch 1 (ms)', 'top-1 (%)', f'top1_vs_latency_{_slug(data)}', out,
-                                     caption + LATENCY_CAPTION, top1_axis=True)
+                                     caption + _latency_caption(timed), top1_axis=True)
         else:
             skipped.append(f'top-1 vs latency on {data}: no point was timed at batch 1')
         counted = [p for p in group if p.metrics.get('gmacs')]
@@ -522,7 +554,7 @@ def write_figures(points: list[Point], out: Path) -> tuple[list[Path], list[str]
         paths += _scatter_figure(costed, lambda p: p.metrics['gmacs'], lambda p: p.metrics['cpu_latency_ms_bs1'],
                                  GMACS_LABEL, 'latency, batch 1 (ms)', 'latency_vs_gmacs', out,
                                  ('Random weights: speed and complexity only. ' if all(p.random_weights for p in costed)
-                                  else '') + LATENCY_CAPTION, top1_axis=False)
+                                  else '') + _latency_caption(costed), top1_axis=False)
     batches = _batches(points)
     for backend in dict.fromkeys(p.backend for p in points):
         group = [p for p in points if p.backend == backend and p.row != 'baseline'

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from compress.check import Verdict, check_record, cpu_isa, default_metrics, load_reference, main
+from compress.check import Verdict, check_record, cpu_isa, cpu_model, default_metrics, load_reference, main
 from eval.stats import mcnemar_exact, pack_bits, unpack_bits
 
 RECORD = sorted(Path('results/runs/resnet20_cifar_int8').glob('*.json'))[-1]
@@ -30,8 +30,8 @@ def _entry(record, tmp_path):
     count = record['data']['num_images']
     rows = {stage['name']: default_metrics(stage, count) for stage in record['stages']
             if 'metrics' in stage and stage['kind'] != 'reference'}
-    return {'recipe': 'recipes/resnet20_cifar_int8.yaml', 'isa': cpu_isa(record['env']), 'record': f'ref/{RECORD.name}',
-            'rows': rows}
+    return {'recipe': 'recipes/resnet20_cifar_int8.yaml', 'isa': cpu_isa(record['env']),
+            'cpu': cpu_model(record['env']), 'record': f'ref/{RECORD.name}', 'rows': rows}
 
 
 def _statuses(verdicts: list[Verdict]) -> dict:
@@ -107,6 +107,40 @@ def test_speed_is_not_judged_when_the_timing_control_failed(record, tmp_path):
     record['timing']['noisy'] = True
     _stage(record, PT2E)['metrics']['speedup_fp32_bs32'][0] = 9.9
     assert _statuses(check_record(record, entry, root=tmp_path))[(PT2E, 'speedup_fp32_bs32')] == 'unjudged'
+
+
+def test_speed_bands_belong_to_the_cpu_model_they_were_measured_on(record, tmp_path, capsys):
+    """Two CPUs of one ISA (a Zen 4 and a Xeon, both avx512_vnni) differ in int8 speedup by more than any band: on
+    another model the record is judged on accuracy, size and coverage, and its speed is printed unjudged; --update
+    from that CPU adds its own entry and leaves the first CPU's bands as they were."""
+    entry = _entry(record, tmp_path)
+    other = copy.deepcopy(record)
+    other['env']['cpu']['model'] = 'Another CPU @ 2.80GHz'
+    other['git_hash'] = 'abcdef123456'
+    _stage(other, PT2E)['metrics']['speedup_fp32_bs32'][0] *= 0.7  # slower int8 on that CPU: not a regression
+    verdicts = check_record(other, entry, root=tmp_path)
+    speed = [v for v in verdicts if v.metric.startswith('speedup')]
+    assert speed and {v.status for v in speed} == {'unjudged'}
+    assert all(entry['cpu'] in v.judged_by for v in speed)
+    assert {v.status for v in verdicts if not v.metric.startswith('speedup')} == {'pass'}
+    _stage(other, PT2E)['metrics']['int8_weight_fraction'] = 0.9  # coverage is still judged there
+    assert _statuses(check_record(other, entry, root=tmp_path))[(PT2E, 'int8_weight_fraction')] == 'FAIL'
+    _stage(other, PT2E)['metrics']['int8_weight_fraction'] = 1.0
+
+    reference = tmp_path / 'reference.yaml'
+    reference.write_text(yaml.safe_dump({'alpha': 0.01, 'entries': [entry]}))
+    path = tmp_path / 'other.json'
+    path.write_text(json.dumps(other))
+    assert main([str(path), '--reference', str(reference), '--update', '--why', 'the Xeon pool']) == 0
+    first, added = yaml.safe_load(reference.read_text())['entries']
+    assert (first['cpu'], added['cpu']) == (entry['cpu'], 'Another CPU @ 2.80GHz')
+    measured = _stage(other, PT2E)['metrics']['speedup_fp32_bs32'][0]
+    assert first['rows'][PT2E]['speedup_fp32_bs32']['value'] != measured
+    assert added['rows'][PT2E]['speedup_fp32_bs32']['value'] == measured
+    capsys.readouterr()
+    assert main([str(path), '--reference', str(reference)]) == 0  # now judged against its own CPU's entry
+    out = capsys.readouterr().out
+    assert 'reference measured on Another CPU @ 2.80GHz' in out and 'unjudged' not in out
 
 
 def test_cli_exit_codes_and_one_line_errors(record, tmp_path, capsys):

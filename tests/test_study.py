@@ -285,6 +285,7 @@ def test_report_writes_tables_and_figures_with_the_pareto_front(tmp_path):
     assert '2.00 ± 0.25' in markdown and '† imagenet-val-subset: 400 images of the ImageNet validation set; easier ' \
         'than the full validation set' in markdown
     assert 'Hardware: test cpu (avx2; 2 logical CPUs); timing threads: 1' in markdown
+    assert 'cpu' not in rows[0]  # one CPU: no column for it
     # the table links the committed SVGs, and a redraw from the same records changes none of their bytes
     assert '![speedup_openvino](speedup_openvino.svg)' in markdown and '.png)' not in markdown
     again = write_report(runs, tmp_path / 'again', title='demo')
@@ -295,3 +296,24 @@ def test_report_writes_tables_and_figures_with_the_pareto_front(tmp_path):
         first, second = (tmp_path / 'out' / name).read_bytes(), (tmp_path / 'again' / name).read_bytes()
         assert first == second, name
         assert b'<dc:date>' not in first and b'<text' in first  # undated; labels kept as text, not outlines
+
+
+def test_a_table_of_cells_timed_on_two_cpus_says_which_row_ran_where(tmp_path):
+    """Cells of one study can run on different machines: the table gets a CPU column whose letters the hardware
+    line explains, and the notes and latency captions say latency compares only within one CPU."""
+    runs = tmp_path / 'runs'
+    runs.mkdir()
+    rng = np.random.default_rng(0)
+    for model, cpu in (('a', 'test cpu'), ('b', 'other cpu')):
+        record = _record(f'{model}__int8', model, rng.random(400) < 0.8, 0.4, 10.0, [2.0, 1.8, 2.3])
+        record['env']['cpu']['model'] = cpu
+        write_record(record, runs)
+    paths = write_report(runs, tmp_path / 'out', title='demo')
+    rows = list(csv.DictReader((tmp_path / 'out' / 'summary.csv').open()))
+    assert {(r['model'], r['cpu']) for r in rows} == {('a', 'A'), ('b', 'B')}
+    markdown = (tmp_path / 'out' / 'summary.md').read_text()
+    assert ('Hardware: 2 CPUs (column CPU) A = test cpu (avx2; 2 logical CPUs), B = other cpu (avx2; 2 logical '
+            'CPUs); timing threads: 1') in markdown
+    assert 'latency and throughput compare only between rows of one CPU' in markdown
+    svg = next(p for p in paths if p.name == 'latency_vs_gmacs.svg').read_text()
+    assert 'Timed on 2 different CPUs' in svg
