@@ -355,7 +355,8 @@ def _update(reference: dict, path: Path, records: list[dict], why: str, recipes:
 
 def _noise(entries: list[dict], repeats: int, out: Path, extra: list[str]) -> tuple[list[dict], dict]:
     """Run each entry's recipe ``repeats`` times; print the spread of every gated value and the tolerance it
-    suggests: twice the spread, never below the entry's own. Returns the first record of each entry and the
+    suggests: twice the spread, never below the entry's own. Returns per entry the record to keep as its reference
+    (the first whose A/A timing control passed, else the first: a speed band is best taken from a quiet run) and the
     suggested tolerances, keyed by (recipe name, row, metric)."""
     from tabulate import tabulate
     rows, firsts, suggested = [], [], {}
@@ -365,7 +366,7 @@ def _noise(entries: list[dict], repeats: int, out: Path, extra: list[str]) -> tu
             print(f'running {entry["recipe"]} ({attempt + 1}/{repeats})', file=sys.stderr, flush=True)
             records.append(_read_record(_run_recipe(entry['recipe'], list(entry.get('overrides') or []) + extra,
                                                     out)))
-        firsts.append(records[0])
+        firsts.append(next((r for r in records if not (r.get('timing') or {}).get('noisy')), records[0]))
         if entry.get('rows') is None:  # a recipe new to the gate: its rows and starting tolerances from its first run
             entry.update(_new_entry(records[0], entry['recipe'], entry.get('overrides') or []))
         for row, rules in (entry.get('rows') or {}).items():

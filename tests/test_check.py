@@ -143,6 +143,24 @@ def test_speed_bands_belong_to_the_cpu_model_they_were_measured_on(record, tmp_p
     assert 'reference measured on Another CPU @ 2.80GHz' in out and 'unjudged' not in out
 
 
+def test_noise_keeps_as_reference_the_first_run_whose_timing_control_passed(record, tmp_path, monkeypatch, capsys):
+    import compress.check as check
+    runs = []
+    for index, noisy in enumerate((True, False, False)):
+        run = copy.deepcopy(record)
+        run['timing']['noisy'] = noisy
+        _stage(run, PT2E)['metrics']['speedup_fp32_bs32'][0] = 2.0 + index / 10
+        runs.append(run)
+    served = iter(runs)
+    monkeypatch.setattr(check, '_run_recipe', lambda recipe, overrides, out: None)
+    monkeypatch.setattr(check, '_read_record', lambda path: next(served))
+    entry = _entry(record, tmp_path)
+    kept, suggested = check._noise([entry], 3, tmp_path, [])
+    assert kept == [runs[1]]
+    assert suggested[(record['recipe']['name'], PT2E, 'speedup_fp32_bs32')] == pytest.approx(0.4)  # 2 × spread 0.2
+    assert '| 2.0 ' in capsys.readouterr().out  # the spread still counts every run
+
+
 def test_cli_exit_codes_and_one_line_errors(record, tmp_path, capsys):
     entry = _entry(record, tmp_path)
     reference = tmp_path / 'reference.yaml'
