@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from compress.launch import launch
+from compress.record import cpu_isa
 from eval.tables import RecordError, read_record
 
 __all__ = ['cpu_isa', 'cpu_model', 'check_record', 'Verdict', 'default_metrics', 'load_reference', 'main']
@@ -53,18 +54,6 @@ QUANTIZED_KINDS = ('ptq_int8', 'qat_int8', 'weight_4bit')
 
 class GateError(ValueError):
     """A problem with the reference file, the records or the command line: one line, exit code 2."""
-
-
-def cpu_isa(env: dict) -> str:
-    """The instruction set that decides int8 speed (and rounding) on the record's CPU."""
-    flags = set(env.get('cpu', {}).get('flags', []))
-    if env.get('cuda'):
-        return 'cuda'
-    for isa, needs in (('amx', 'amx_int8'), ('avx512_vnni', 'avx512_vnni'), ('avx_vnni', 'avx_vnni'),
-                       ('avx512', 'avx512f'), ('avx2', 'avx2')):
-        if needs in flags:
-            return isa
-    return 'other'
 
 
 def cpu_model(env: dict) -> str:

@@ -151,6 +151,9 @@ class TrainStage:
 
 
 PTQ_BACKENDS = ('x86_pt2e', 'openvino', 'torchao_int8')
+REDUCE_RANGE_HELP = ('x86_pt2e: quantize activations to 7 bits (0..127) so that u8 x s8 products cannot saturate '
+                     'in the int16 sums of CPUs without VNNI (torchao advises it there); default: on exactly when '
+                     'this CPU has no VNNI')
 
 
 @dataclass
@@ -170,6 +173,7 @@ class PtqInt8Stage:
         'help': 'NNCF model_type=TRANSFORMER; default: on when the model has attention'})
     keep_float: list[str] = field(default_factory=list, metadata={
         'help': 'x86_pt2e: module names left in float (a sensitive layer); the row lists them as float'})
+    reduce_range: bool | None = field(default=None, metadata={'help': REDUCE_RANGE_HELP})
 
     def __post_init__(self):
         if isinstance(self.backend, str):
@@ -257,6 +261,7 @@ class QatInt8Stage(DistillStage):
     alpha: float = field(default=0.0, metadata={'help': 'KD weight (0: labels only)'})
     freeze_observers_at: float = field(default=0.6, metadata={'help': 'fraction of steps, then ranges are fixed'})
     freeze_bn_at: float = field(default=0.7, metadata={'help': 'fraction of steps, then BN uses running stats'})
+    reduce_range: bool | None = field(default=None, metadata={'help': REDUCE_RANGE_HELP})
 
     def __post_init__(self):
         super().__post_init__()

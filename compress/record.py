@@ -52,6 +52,22 @@ def _cpu_info() -> dict:
     return info
 
 
+VNNI_ISAS = ('amx', 'avx512_vnni', 'avx_vnni')
+
+
+def cpu_isa(env: dict | None = None) -> str:
+    """The instruction set that decides int8 speed and rounding on a record's CPU (``env``), or on this one."""
+    env = {'cpu': _cpu_info()} if env is None else env
+    flags = set(env.get('cpu', {}).get('flags', []))
+    if env.get('cuda'):
+        return 'cuda'
+    for isa, needs in (('amx', 'amx_int8'), ('avx512_vnni', 'avx512_vnni'), ('avx_vnni', 'avx_vnni'),
+                       ('avx512', 'avx512f'), ('avx2', 'avx2')):
+        if needs in flags:
+            return isa
+    return 'other'
+
+
 def environment() -> dict:
     """Library versions, CPU, threads, load and devices, as they were for this run."""
     versions = {}

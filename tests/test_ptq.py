@@ -48,6 +48,31 @@ def test_x86_pt2e_leaves_the_layers_a_recipe_names_in_float(model_and_data):
         PtqInt8Stage(backend=['x86_pt2e', 'openvino'], keep_float=[first_conv])
 
 
+def _activation_quant_max(graph) -> set[int]:
+    return {node.args[4] for node in graph.graph.nodes
+            if node.op == 'call_function' and 'quantize_per_tensor' in str(node.target)
+            and 'dequantize' not in str(node.target)}
+
+
+@pytest.mark.parametrize('isa, seven_bit', [('avx2', True), ('avx512_vnni', False), ('amx', False)])
+def test_activations_are_7_bit_exactly_on_cpus_without_vnni(model_and_data, monkeypatch, isa, seven_bit):
+    """Without VNNI, oneDNN sums pairs of u8 x s8 products in int16, which saturates with 8-bit activations: the
+    default follows the CPU, a recipe's setting wins, and the row says which it got and why."""
+    import compress.stages.ptq_int8 as ptq
+    monkeypatch.setattr(ptq, 'cpu_isa', lambda: isa)
+    assert ptq.x86_reduce_range(None) == (seven_bit, f'this CPU is {isa}' + (' (no VNNI)' if seven_bit else ''))
+    assert ptq.x86_reduce_range(not seven_bit) == (not seven_bit, 'set by the recipe')
+    model, calib = model_and_data
+    assert _activation_quant_max(quantize_x86_pt2e(model, calib)) == {127 if seven_bit else 255}
+    (result,) = apply_ptq_int8(PtqInt8Stage(backend=['x86_pt2e'], calib_images=4), OneConv().eval(),
+                               _context_of_8px_images())
+    assert result.info['reduce_range']['on'] is seven_bit
+    assert any('activations in 7 bits' in note for note in result.notes) is seven_bit
+    (result,) = apply_ptq_int8(PtqInt8Stage(backend=['x86_pt2e'], calib_images=4, reduce_range=False),
+                               OneConv().eval(), _context_of_8px_images())
+    assert _activation_quant_max(result.artifact) == {255}
+
+
 def test_openvino_quantizes_all_weights(model_and_data):
     model, calib = model_and_data
     ov_model, float_model = quantize_openvino(model, calib, nncf_settings(model, (3, 32, 32)))

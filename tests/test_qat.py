@@ -26,10 +26,14 @@ def context():
 def test_qat_trains_freezes_and_converts(context):
     torch.manual_seed(0)
     model = timm.create_model('test_resnet_cifar').eval()
-    (result,) = apply_qat_int8(QatInt8Stage(epochs=1, lr=1e-3, freeze_observers_at=0.5, freeze_bn_at=0.75),
-                               model, context)
+    (result,) = apply_qat_int8(QatInt8Stage(epochs=1, lr=1e-3, freeze_observers_at=0.5, freeze_bn_at=0.75,
+                                            reduce_range=True), model, context)
     assert weight_coverage(result.artifact)['int8_weight_fraction'] == 1.0
     assert result.info['qat']['steps'] == 8
+    # 7-bit activations (what a CPU without VNNI gets by default) reach the converted graph
+    assert result.info['reduce_range'] == {'on': True, 'why': 'set by the recipe'}
+    assert {node.args[4] for node in result.artifact.graph.nodes if node.op == 'call_function'
+            and 'quantize_per_tensor' in str(node.target) and 'dequantize' not in str(node.target)} == {127}
     images = torch.stack([context.data.eval[i][0] for i in range(16)])
     assert result.artifact(images).shape == (16, 10)
     assert result.next_model is None  # a quantized model is final

@@ -110,7 +110,7 @@ def _qdtype(code: int) -> torch.dtype:
 
 
 def _check_full_range(quant_min: int, quant_max: int, dtype: torch.dtype) -> None:
-    # ONNX QuantizeLinear saturates to the whole type; a reduced range (reduce_range=True) cannot be expressed
+    # per-channel weights: ONNX QuantizeLinear saturates to the whole type (PT2E's x86 weights always use it)
     if (quant_min, quant_max) != _FULL_RANGE[dtype]:
         raise RuntimeError(f'quantization range [{quant_min}, {quant_max}] is not the full {dtype} range, '
                            'which ONNX QuantizeLinear cannot express')
@@ -129,7 +129,10 @@ def _qdq_symbolics() -> dict:
     @sh.parse_args('v', 'f', 'i', 'i', 'i', 'i')
     def quantize_per_tensor(g, x, scale, zp, quant_min, quant_max, dtype):
         dtype = _qdtype(dtype)
-        _check_full_range(quant_min, quant_max, dtype)
+        if (quant_min, quant_max) != _FULL_RANGE[dtype]:
+            # 7-bit activations (reduce_range, CPUs without VNNI): QuantizeLinear saturates to the whole type, so
+            # the narrower range is a clip of the float input to the values that quantize into it (the same codes)
+            x = g.op('Clip', x, scalar(g, (quant_min - zp) * scale), scalar(g, (quant_max - zp) * scale))
         return g.op('QuantizeLinear', x, scalar(g, scale), zero_point(g, zp, dtype))
 
     @sh.parse_args('v', 'f', 'i', 'i', 'i', 'i', 'none')

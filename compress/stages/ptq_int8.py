@@ -4,7 +4,7 @@ Backends:
 
 * ``x86_pt2e``: ``torch.export`` (dynamic batch) → ``prepare_pt2e`` with ``X86InductorQuantizer`` (folds BN,
   inserts observers) → calibration → ``convert_pt2e``; deployed under ``torch.compile`` (inductor lowers the q/dq
-  patterns to oneDNN int8 kernels; VNNI on this CPU).
+  patterns to oneDNN int8 kernels). On a CPU without VNNI activations are quantized to 7 bits (``reduce_range``).
 * ``openvino``: ``openvino.convert_model`` → ``nncf.quantize`` on the OpenVINO model (quantizing the OpenVINO
   model, not NNCF's torch fake-quant model, is what makes every conv run in u8) → OpenVINO CPU runtime. The float
   OpenVINO model it started from is returned too (reference ``openvino fp32``), so the evaluator can time the
@@ -30,13 +30,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from compress.config import PtqInt8Stage, RecipeError
 from compress.data import calibration_batches
 from compress.deploy import deploy_form
+from compress.record import VNNI_ISAS, cpu_isa
 from compress.stages.base import StageContext, StageResult, backend_failure, layers_not_taken
 from compress.stages.families import rules_for
 from eval.coverage import weight_coverage
 from eval.runtimes import check_compiles, to_openvino
 
-__all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'quantize_openvino', 'quantize_torchao_int8', 'nncf_settings',
-           'runs_attention']
+__all__ = ['apply_ptq_int8', 'quantize_x86_pt2e', 'x86_reduce_range', 'quantize_openvino', 'quantize_torchao_int8',
+           'nncf_settings', 'runs_attention']
 
 # activation x activation products: what makes a model a transformer to NNCF (it then quantizes them, keeps
 # softmax inputs in float and smooths activations)
@@ -80,10 +81,21 @@ def nncf_settings(model: nn.Module, input_size, transformer: bool | None = None)
             'preset': rules.nncf_preset, 'smooth_quant': rules.nncf_smooth_quant}
 
 
-def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor], keep_float: Sequence[str] = ()
-                      ) -> torch.fx.GraphModule:
+def x86_reduce_range(setting: bool | None) -> tuple[bool, str]:
+    """Whether X86InductorQuantizer quantizes activations to 7 bits, and why: a recipe's setting, else on exactly
+    when this CPU has no VNNI. Without VNNI oneDNN sums pairs of u8 x s8 products in int16, which saturates at full
+    8-bit range (README: "CPUs without VNNI")."""
+    if setting is not None:
+        return setting, 'set by the recipe'
+    isa = cpu_isa()
+    return isa not in VNNI_ISAS, f'this CPU is {isa}' + ('' if isa in VNNI_ISAS else ' (no VNNI)')
+
+
+def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor], keep_float: Sequence[str] = (),
+                      reduce_range: bool | None = None) -> torch.fx.GraphModule:
     """Export, prepare with X86InductorQuantizer, calibrate and convert; returns the int8 graph. The modules named
-    in ``keep_float`` stay in float."""
+    in ``keep_float`` stay in float; ``reduce_range`` quantizes activations to 7 bits (default: as
+    :func:`x86_reduce_range` decides for this CPU)."""
     modules = dict(model.named_modules())
     for name in keep_float:
         if name not in modules:
@@ -97,7 +109,9 @@ def quantize_x86_pt2e(model: nn.Module, calib: list[torch.Tensor], keep_float: S
     batch = torch.export.Dim('batch', min=1, max=4096)
     exported = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    if reduce_range is None:
+        reduce_range = x86_reduce_range(None)[0]
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     for name in keep_float:
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(exported, quantizer)
@@ -189,7 +203,11 @@ def apply_ptq_int8(cfg: PtqInt8Stage, model: nn.Module, ctx: StageContext) -> li
         references = {}
         try:
             if backend == 'x86_pt2e':
-                artifact = quantize_x86_pt2e(deploy_model, calib, cfg.keep_float)
+                reduce_range, why = x86_reduce_range(cfg.reduce_range)
+                artifact = quantize_x86_pt2e(deploy_model, calib, cfg.keep_float, reduce_range)
+                info['reduce_range'] = {'on': reduce_range, 'why': why}
+                if reduce_range:
+                    notes.append(f'activations in 7 bits (reduce_range: {why})')
                 if weight_coverage(artifact)['int8_weight_fraction'] == 0:
                     raise _NothingQuantized(_x86_quantizer_took_nothing(cfg.keep_float))
                 if cfg.keep_float:

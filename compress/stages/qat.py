@@ -18,19 +18,25 @@ from compress.data import calibration_batches
 from compress.deploy import deploy_form
 from compress.stages.base import StageContext, StageResult
 from compress.stages.distill import DistillationObjective, _renormalization, build_teacher
+from compress.stages.ptq_int8 import x86_reduce_range
 from compress.stages.train import train_model
 
 __all__ = ['apply_qat_int8', 'prepare_qat_x86']
 
 
-def prepare_qat_x86(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """Export in training form and insert fake quantization as X86InductorQuantizer wants it for QAT."""
+def prepare_qat_x86(model: nn.Module, example: torch.Tensor, reduce_range: bool | None = None
+                    ) -> torch.fx.GraphModule:
+    """Export in training form and insert fake quantization as X86InductorQuantizer wants it for QAT
+    (``reduce_range``: activations in 7 bits; default: as :func:`compress.stages.ptq_int8.x86_reduce_range` decides
+    for this CPU)."""
+    if reduce_range is None:
+        reduce_range = x86_reduce_range(None)[0]
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     batch = torch.export.Dim('batch', min=1, max=4096)
     exported = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range))
     return prepare_qat_pt2e(exported, quantizer)
 
 
@@ -58,8 +64,9 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
     start = time.perf_counter()
     deploy_model = deploy_form(model)
     example = calibration_batches(ctx.data.train, 2, 2, 0, ctx.seed)[0]
-    prepared = prepare_qat_x86(deploy_model, example)
-    notes = []
+    reduce_range, why = x86_reduce_range(cfg.reduce_range)
+    prepared = prepare_qat_x86(deploy_model, example, reduce_range)
+    notes = [f'activations in 7 bits (reduce_range: {why})'] if reduce_range else []
     objective = None
     if cfg.alpha > 0:
         teacher, teacher_name = build_teacher(cfg, ctx)
@@ -73,5 +80,6 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
                  f'{cfg.freeze_bn_at:.0%}')
     return [StageResult(
         name='qat_int8[x86_pt2e]', kind='qat_int8', artifact=converted, float_model=model, next_model=None,
-        backend='x86_pt2e', seconds=time.perf_counter() - start, info={'qat': summary}, notes=notes,
+        backend='x86_pt2e', seconds=time.perf_counter() - start, notes=notes,
+        info={'qat': summary, 'reduce_range': {'on': reduce_range, 'why': why}},
     )]
