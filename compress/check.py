@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from compress.launch import launch
-from compress.record import cpu_isa
+from compress.record import cpu_info, cpu_isa
 from eval.tables import RecordError, read_record
 
 __all__ = ['cpu_isa', 'cpu_model', 'check_record', 'Verdict', 'default_metrics', 'load_reference', 'main']
@@ -431,7 +431,16 @@ def _main(args) -> int:
         if args.records:
             raise GateError('--noise runs the gated recipes itself: give no records')
         new = [{'recipe': recipe, 'overrides': overrides, 'rows': None} for recipe, overrides in recipes.values()]
-        firsts, suggested = _noise(new or entries, args.noise, out, args.set)
+        here = {'cpu': cpu_info()}
+        # only this CPU's entries can be measured here: one per recipe, the one of this CPU model first
+        ours: dict = {}
+        for entry in sorted((e for e in entries if e['isa'] == cpu_isa(here)),
+                            key=lambda e: e.get('cpu') != cpu_model(here)):
+            ours.setdefault((entry['recipe'], tuple(entry.get('overrides') or [])), entry)
+        if not new and not ours:
+            raise GateError(f'--noise: no gate has an entry for this CPU\'s ISA ({cpu_isa(here)}); add one with '
+                            f'--update --recipe RECIPE.yaml --why TEXT')
+        firsts, suggested = _noise(new or list(ours.values()), args.noise, out, args.set)
         if args.update:
             reference.setdefault('entries', []).extend(
                 {**entry, 'isa': cpu_isa(record['env']), 'cpu': cpu_model(record['env'])}

@@ -36,7 +36,8 @@ def git_hash() -> str | None:
         return None
 
 
-def _cpu_info() -> dict:
+def cpu_info() -> dict:
+    """This machine's CPU: model name, the flags that decide int8 / bf16 speed, logical CPU count."""
     info = {'model': platform.processor() or platform.machine(), 'flags': [], 'logical_cpus': os.cpu_count()}
     try:
         text = Path('/proc/cpuinfo').read_text()
@@ -57,7 +58,7 @@ VNNI_ISAS = ('amx', 'avx512_vnni', 'avx_vnni')
 
 def cpu_isa(env: dict | None = None) -> str:
     """The instruction set that decides int8 speed and rounding on a record's CPU (``env``), or on this one."""
-    env = {'cpu': _cpu_info()} if env is None else env
+    env = {'cpu': cpu_info()} if env is None else env
     flags = set(env.get('cpu', {}).get('flags', []))
     if env.get('cuda'):
         return 'cuda'
@@ -80,7 +81,7 @@ def environment() -> dict:
         'python': platform.python_version(),
         'platform': platform.platform(),
         'versions': versions,
-        'cpu': _cpu_info(),
+        'cpu': cpu_info(),
         'torch_threads_default': torch.get_num_threads(),
         'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
         'cuda': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

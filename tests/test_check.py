@@ -161,6 +161,22 @@ def test_noise_keeps_as_reference_the_first_run_whose_timing_control_passed(reco
     assert '| 2.0 ' in capsys.readouterr().out  # the spread still counts every run
 
 
+def test_noise_measures_only_this_cpus_entries_once_per_recipe(record, tmp_path, monkeypatch, capsys):
+    import compress.check as check
+    vnni, other_model, avx2 = (_entry(record, tmp_path) for _ in range(3))
+    vnni['isa'], other_model['isa'], other_model['cpu'], avx2['isa'] = 'avx512_vnni', 'avx2', 'Other', 'avx2'
+    reference = tmp_path / 'reference.yaml'
+    reference.write_text(yaml.safe_dump({'alpha': 0.01, 'entries': [vnni, other_model, avx2]}))
+    measured = []
+    monkeypatch.setattr(check, '_noise', lambda entries, *args: measured.extend(entries) or ([], {}))
+    monkeypatch.setattr(check, 'cpu_info', lambda: {'model': avx2['cpu'], 'flags': ['avx2']})
+    assert main(['--noise', '2', '--reference', str(reference), '--out', str(tmp_path)]) == 0
+    assert measured == [avx2]  # not the AVX-512 entry it cannot measure, and its recipe once, this CPU's entry
+    monkeypatch.setattr(check, 'cpu_info', lambda: {'model': 'x', 'flags': ['avx512f']})
+    assert main(['--noise', '2', '--reference', str(reference), '--out', str(tmp_path)]) == 2
+    assert "no gate has an entry for this CPU's ISA (avx512)" in capsys.readouterr().err
+
+
 def test_cli_exit_codes_and_one_line_errors(record, tmp_path, capsys):
     entry = _entry(record, tmp_path)
     reference = tmp_path / 'reference.yaml'
