@@ -250,14 +250,19 @@ def _read_record(path: str | Path) -> dict:
         raise GateError(str(error)) from None
 
 
-def _entry_for(reference: dict, record: dict, same_cpu: bool = False) -> dict | None:
-    """The entry for the record's recipe and ISA, the one measured on the record's CPU model first; with
-    ``same_cpu`` only that one."""
+def _entries_for(reference: dict, record: dict) -> tuple[list[dict], list[dict]]:
+    """The entries for the record's recipe and ISA: those measured on the record's CPU model (or on no named
+    CPU), and all of them."""
     isa, model = cpu_isa(record['env']), cpu_model(record['env'])
     name = record['recipe']['name']
     matches = [entry for entry in reference.get('entries', []) if entry['isa'] == isa and _recipe_name(entry) == name]
-    ours = [entry for entry in matches if entry.get('cpu') in (None, model)]
-    return (ours or ([] if same_cpu else matches) or [None])[0]
+    return [entry for entry in matches if entry.get('cpu') in (None, model)], matches
+
+
+def _entry_for(reference: dict, record: dict) -> dict | None:
+    """The entry that judges the record: the one measured on its CPU model, else one of another model of its ISA."""
+    ours, matches = _entries_for(reference, record)
+    return (ours or matches or [None])[0]
 
 
 def _recipe_name(entry: dict) -> str:
@@ -301,12 +306,12 @@ def _update(reference: dict, path: Path, records: list[dict], why: str, recipes:
             raise GateError(f'{record["_path"]}: made by uncommitted code ({commit or "no git hash"}); commit, run '
                             f'again, then update: the reference must be reproducible')
     for record in records:
-        entry = _entry_for(reference, record, same_cpu=True)
+        ours, matches = _entries_for(reference, record)
         name = record['recipe']['name']
-        sibling = _entry_for(reference, record)
-        if entry is None and sibling is not None:
+        entry = ours[0] if ours else None
+        if entry is None and matches:
             # another CPU model of this ISA: its speed bands stay; this CPU gets an entry with the same rules
-            entry = {**copy.deepcopy({k: v for k, v in sibling.items() if k != 'record'}),
+            entry = {**copy.deepcopy({k: v for k, v in matches[0].items() if k != 'record'}),
                      'cpu': cpu_model(record['env'])}
             reference['entries'].append(entry)
         elif entry is None:

@@ -289,6 +289,7 @@ def environment_line(records: list[dict]) -> str:
 def _notes(points: list[Point], records: list[dict]) -> list[str]:
     lines = []
     batches = _batches(points)
+    cpus = len(cpu_letters([p.record for p in points]))
     if batches:
         noisy = sorted({p.cell for p in points if (p.record.get('timing') or {}).get('noisy')})
         lines.append(
@@ -297,9 +298,9 @@ def _notes(points: list[Point], records: list[dict]) -> list[str]:
             'timed in the same rounds; it is the median of the per-round CPU-time ratios, ± half the width of its '
             '95 % interval (intervals can be asymmetric: the CSV has both ends). Latency and throughput are wall '
             'clock, each cell in its own session on a shared machine: compare them across cells with care.'
-            + (f' The cells ran on {len(_cpus(points))} different CPUs (column CPU, listed under Hardware): latency '
-               f'and throughput compare only between rows of one CPU, and ×fp32 depends on the CPU too.'
-               if len(_cpus(points)) > 1 else '')
+            + (f' The cells ran on {cpus} different CPUs (column CPU, listed under Hardware): latency and '
+               f'throughput compare only between rows of one CPU, and ×fp32 depends on the CPU too.'
+               if cpus > 1 else '')
             + (f' A/A control outside tolerance (speedups marked ~): {", ".join(noisy)}.' if noisy else
                ' Every A/A control was within tolerance.'))
     lines.append('GMACs: multiply-accumulates counted at the ATen level (eval/complexity.py): convolutions, linears '
@@ -390,12 +391,8 @@ GMACS_LABEL = 'GMACs (attention matmuls counted)'
 LATENCY_CAPTION = 'Latency: wall clock at batch 1, each cell in its own timing session (compare within a cell).'
 
 
-def _cpus(points: list[Point]) -> set[str]:
-    return {cpu_description(p.record['env']) for p in points}
-
-
 def _latency_caption(points: list[Point]) -> str:
-    cpus = len(_cpus(points))
+    cpus = len(cpu_letters([p.record for p in points]))
     return LATENCY_CAPTION + (f' Timed on {cpus} different CPUs (the table\'s CPU column): latencies of different '
                               f'CPUs do not compare.' if cpus > 1 else '')
 
