@@ -87,11 +87,3 @@ def test_worker_processes_give_the_in_process_batches(shared_data):
     result = subprocess.run([sys.executable, '-c', WORKER_CHECK, str(shared_data / 'imagenet-val-subset')],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and 'same batches' in result.stdout, result.stderr[-2000:]
-
-
-def test_loader_workers_start_with_the_models_already_imported():
-    # a worker that imported torch, timm and the models itself would spend seconds of CPU at every epoch's start
-    from compress.data import make_loader
-    from loader_probe import ImportedModules
-    (imported,) = make_loader(ImportedModules(), batch_size=1, workers=1)
-    assert imported.tolist() == [[True, True]]
