@@ -58,3 +58,34 @@ def test_qat_and_ptq_are_exclusive(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match='feature KD is not supported'):
         QatInt8Stage(feature_weight=1.0)
+
+
+@pytest.mark.slow
+def test_convert_skips_absent_conv_kinds_and_makes_torchaos_graph(monkeypatch):
+    import torch.nn.functional as F
+    from torchao.quantization.pt2e import move_exported_model_to_eval, qat_utils
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from compress.stages.qat import convert_qat_x86
+    x = torch.randn(4, 3, 32, 32)
+
+    def trained_a_step():  # the same graph twice (a deep copy would name the folded nodes differently)
+        torch.manual_seed(0)
+        prepared = prepare_qat_x86(timm.create_model('test_resnet_cifar'), x, reduce_range=False)
+        prepared(x)  # observers see data, BN statistics move
+        return move_exported_model_to_eval(prepared)
+
+    theirs = convert_pt2e(trained_a_step())
+    folded_kinds = []
+    fold_one_kind = qat_utils._fold_conv_bn_qat_helper
+
+    def recording(graph, conv_fn, *args, **kwargs):
+        folded_kinds.append(conv_fn)
+        return fold_one_kind(graph, conv_fn, *args, **kwargs)
+
+    monkeypatch.setattr(qat_utils, '_fold_conv_bn_qat_helper', recording)
+    ours = convert_qat_x86(trained_a_step())
+    assert folded_kinds == [F.conv2d] * (2 if torch.cuda.is_available() else 1)  # a 2-D CNN: conv2d only
+    assert 'batch_norm' not in ours.code and ours.code == theirs.code
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))

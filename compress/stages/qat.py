@@ -9,6 +9,7 @@ initialised timm model with zero-initialised last BN gammas diverges (use traine
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from compress.stages.distill import DistillationObjective, _renormalization, bui
 from compress.stages.ptq_int8 import x86_reduce_range
 from compress.stages.train import train_model
 
-__all__ = ['apply_qat_int8', 'prepare_qat_x86']
+__all__ = ['apply_qat_int8', 'convert_qat_x86', 'prepare_qat_x86']
 
 
 def prepare_qat_x86(model: nn.Module, example: torch.Tensor, reduce_range: bool | None = None
@@ -38,6 +39,34 @@ def prepare_qat_x86(model: nn.Module, example: torch.Tensor, reduce_range: bool 
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range))
     return prepare_qat_pt2e(exported, quantizer)
+
+
+def convert_qat_x86(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """torchao's ``convert_pt2e`` of a QAT graph (in eval form), its conv + BN fold asked only for the kinds of
+    convolution the graph holds.
+
+    torchao (the pinned version) folds conv1d, conv2d, conv_transpose1d and conv_transpose2d in turn, each by
+    exporting 24 pattern graphs whether or not the graph has such a convolution (twice over on a CUDA machine): most
+    of a convert's time, and for a 2-D CNN three quarters of it go to patterns that cannot match. A kind absent from
+    the graph is skipped; the result is the graph torchao's own convert makes (tests/test_qat.py compares them). A
+    graph with no convolution at all goes through torchao unchanged."""
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    fold_one_kind = qat_utils._fold_conv_bn_qat_helper
+    kinds = {torch.nn.functional.conv1d: torch.ops.aten.conv1d, torch.nn.functional.conv2d: torch.ops.aten.conv2d,
+             torch.nn.functional.conv_transpose1d: torch.ops.aten.conv_transpose1d,
+             torch.nn.functional.conv_transpose2d: torch.ops.aten.conv_transpose2d}
+    present = {getattr(node.target, 'overloadpacket', None) for node in prepared.graph.nodes}
+    if not present & set(kinds.values()):
+        return convert_pt2e(prepared)
+
+    def fold_if_present(graph, conv_fn, *args, **kwargs):
+        if conv_fn in kinds and kinds[conv_fn] not in present:
+            return graph
+        return fold_one_kind(graph, conv_fn, *args, **kwargs)
+
+    with mock.patch.object(qat_utils, '_fold_conv_bn_qat_helper', fold_if_present):
+        return convert_pt2e(prepared)
 
 
 class _FreezeSchedule:
@@ -60,7 +89,6 @@ class _FreezeSchedule:
 
 def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> list[StageResult]:
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
     start = time.perf_counter()
     deploy_model = deploy_form(model)
     example = calibration_batches(ctx.data.train, 2, 2, 0, ctx.seed)[0]
@@ -75,7 +103,7 @@ def apply_qat_int8(cfg: QatInt8Stage, model: nn.Module, ctx: StageContext) -> li
         notes.append(f'KD from {teacher_name}, T={cfg.temperature}, alpha={cfg.alpha}')
     schedule = _FreezeSchedule(cfg.freeze_observers_at, cfg.freeze_bn_at)
     prepared, summary = train_model(cfg, prepared, ctx, objective=objective, on_step=schedule, desc='qat')
-    converted = convert_pt2e(move_exported_model_to_eval(prepared))
+    converted = convert_qat_x86(move_exported_model_to_eval(prepared))
     notes.append(f'{summary["steps"]} QAT steps; observers frozen at {cfg.freeze_observers_at:.0%}, BN at '
                  f'{cfg.freeze_bn_at:.0%}')
     return [StageResult(
