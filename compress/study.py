@@ -254,9 +254,20 @@ def _comparable(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k != 'output'}, sort_keys=True, default=str)
 
 
+def _read_as_today(config: dict) -> dict | None:
+    """A record's resolved recipe read through today's recipe schema, so that an option added since the record
+    takes its default (which keeps what the record did; the exception so far: ``reduce_range``, whose default turns
+    7-bit activations on for CPUs without VNNI). None when it no longer validates: an option since removed."""
+    try:
+        return json.loads(json.dumps(_build(RecipeConfig, config, '').to_dict(), default=str))
+    except RecipeError:
+        return None
+
+
 def cell_status(cell: Cell, runs: Path) -> tuple[str, Path | None]:
-    """('done', record) when the newest record of the cell was made from its resolved recipe as it is now,
-    ('stale', record) when it was made from another, ('todo', None) when it has none."""
+    """('done', record) when the newest record of the cell was made from its resolved recipe as it is now (options
+    added since at their defaults), ('stale', record) when it was made from another, ('todo', None) when it has
+    none."""
     records = []
     for path in sorted((runs / cell.id).glob('*.json')):
         try:
@@ -269,7 +280,8 @@ def cell_status(cell: Cell, runs: Path) -> tuple[str, Path | None]:
         return 'todo', None
     _, path, record = max(records, key=lambda item: (item[0], str(item[1])))
     fresh = json.loads(json.dumps(cell.config.to_dict(), default=str))
-    return ('done' if _comparable(record['config']) == _comparable(fresh) else 'stale'), path
+    made_from = _read_as_today(record['config'])
+    return ('done' if made_from is not None and _comparable(made_from) == _comparable(fresh) else 'stale'), path
 
 
 # --- running ---------------------------------------------------------------------------------------------------

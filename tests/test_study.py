@@ -1,6 +1,7 @@
 """Studies: a grid of cells run through compress/run.py, one record each, resumed after a stop; bad studies are one
 line and exit code 2; the paper outputs (tables, figures, Pareto fronts) come from the records."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from compress.config import EvalConfig
 from compress.record import write_record
 from eval.paper import pareto_front, write_report
 from eval.stats import pack_bits
@@ -78,6 +80,18 @@ def test_a_study_runs_every_cell_once_goes_on_after_a_failure_and_resumes(tmp_pa
     assert {cell_status(c, runs)[0] for c in cells if c.id != 'tiny_resnet_24px__prune'} == {'stale'}
     _, cells, _ = load_study(study)
     assert [cell_status(c, runs)[0] for c in cells] == ['done', 'done', 'done', 'todo']
+    # an option added after a record was made, at its default, keeps the record done; one since removed does not
+    prune_cell, path = cells[2], records['tiny_resnet__prune'][0]
+    text = path.read_text()
+    record, defaults = json.loads(text), dataclasses.asdict(EvalConfig())
+    added_since = next(key for key, value in record['config']['eval'].items() if value == defaults[key])
+    del record['config']['eval'][added_since]
+    path.write_text(json.dumps(record))
+    assert cell_status(prune_cell, runs)[0] == 'done'
+    record['config']['eval']['since_removed'] = 1
+    path.write_text(json.dumps(record))
+    assert cell_status(prune_cell, runs)[0] == 'stale'
+    path.write_text(text)
 
     # the paper outputs of what ran
     out = tmp_path / 'paper'
