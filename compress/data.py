@@ -7,6 +7,7 @@ processes and across stages (paired bootstrap intervals). Transforms come from t
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,8 +308,13 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool =
                 drop_last: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     # workers start from a fresh server process: forking a process in which OpenVINO's or inductor's thread pools
-    # already run can leave a worker with a held lock, and it crashed once that way
-    context = 'forkserver' if workers > 0 else None
+    # already run can leave a worker with a held lock, and it crashed once that way. The server imports this module
+    # (torch, timm, the models) once, before any pool exists; a worker that imported them itself would spend
+    # seconds of CPU on it at every loader's start (each epoch and each evaluation)
+    context = None
+    if workers > 0:
+        context = multiprocessing.get_context('forkserver')
+        context.set_forkserver_preload(['__main__', __name__])
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
                       generator=generator, persistent_workers=False, multiprocessing_context=context)
 

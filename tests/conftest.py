@@ -28,6 +28,17 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _no_fork_server_left_in_the_test_process():
+    # loader workers start from a fork server; one left running in a pytest worker makes that worker's later forks
+    # crash (a test far away fails, or the worker dies): loaders with workers run in a subprocess in tests
+    from multiprocessing import forkserver
+    running_before = forkserver._forkserver._forkserver_pid is not None
+    yield
+    assert running_before or forkserver._forkserver._forkserver_pid is None, (
+        'this test started a fork server in the test process (a loader with workers): run it in a subprocess')
+
+
 def synthetic_calibration(count: int, batch: int = 32) -> list[torch.Tensor]:
     """Batches of embedded synthetic images: realistic activation ranges for observers, no files needed."""
     from torchvision.transforms.functional import to_tensor

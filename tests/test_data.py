@@ -1,4 +1,8 @@
 """Data sets: the embedded default is deterministic and learnable-looking; real folders map labels by wnid."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -82,8 +86,24 @@ def test_worker_processes_give_the_in_process_batches(shared_data):
     Run in a fresh interpreter: a fork server left running in the test process makes later plain forks (the
     2-process evaluation test's launcher) crash.
     """
-    import subprocess
-    import sys
     result = subprocess.run([sys.executable, '-c', WORKER_CHECK, str(shared_data / 'imagenet-val-subset')],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and 'same batches' in result.stdout, result.stderr[-2000:]
+
+
+PRELOAD_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from compress.data import make_loader
+from loader_probe import ImportedModules
+(imported,) = make_loader(ImportedModules(), batch_size=1, workers=1)
+print('imported', imported.tolist())
+"""
+
+
+def test_loader_workers_start_with_the_models_already_imported():
+    # a worker that imported torch, timm and the models itself would spend seconds of CPU at every epoch's start.
+    # In a fresh interpreter, as above: no fork server may be left running in the test process
+    result = subprocess.run([sys.executable, '-c', PRELOAD_CHECK, str(Path(__file__).parent)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and 'imported [[True, True]]' in result.stdout, result.stderr[-2000:]
