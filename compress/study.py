@@ -254,12 +254,16 @@ def _comparable(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k != 'output'}, sort_keys=True, default=str)
 
 
+def _plain(config: RecipeConfig) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))  # as a record stores it
+
+
 def _read_as_today(config: dict) -> dict | None:
     """A record's resolved recipe read through today's recipe schema, so that an option added since the record
     takes its default (which keeps what the record did; the exception so far: ``reduce_range``, whose default turns
     7-bit activations on for CPUs without VNNI). None when it no longer validates: an option since removed."""
     try:
-        return json.loads(json.dumps(_build(RecipeConfig, config, '').to_dict(), default=str))
+        return _plain(_build(RecipeConfig, config, ''))
     except RecipeError:
         return None
 
@@ -279,7 +283,7 @@ def cell_status(cell: Cell, runs: Path) -> tuple[str, Path | None]:
     if not records:
         return 'todo', None
     _, path, record = max(records, key=lambda item: (item[0], str(item[1])))
-    fresh = json.loads(json.dumps(cell.config.to_dict(), default=str))
+    fresh = _plain(cell.config)
     made_from = _read_as_today(record['config'])
     return ('done' if made_from is not None and _comparable(made_from) == _comparable(fresh) else 'stale'), path
 

@@ -9,7 +9,6 @@ initialised timm model with zero-initialised last BN gammas diverges (use traine
 from __future__ import annotations
 
 import time
-from unittest import mock
 
 import torch
 from torch import nn
@@ -65,8 +64,11 @@ def convert_qat_x86(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return graph
         return fold_one_kind(graph, conv_fn, *args, **kwargs)
 
-    with mock.patch.object(qat_utils, '_fold_conv_bn_qat_helper', fold_if_present):
+    qat_utils._fold_conv_bn_qat_helper = fold_if_present  # what torchao's _fold_conv_bn_qat calls, for this convert
+    try:
         return convert_pt2e(prepared)
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = fold_one_kind
 
 
 class _FreezeSchedule:
